@@ -1,0 +1,147 @@
+"""The ``mat`` command: a LightningCLI (``fit | validate | test | robust-eval``) plus ``data check`` and ``report``.
+
+* ``mat fit --config experiments/smoke.yaml [--model.lr=1e-4 ...]``: train, then test the best checkpoint with the
+  robust evaluation callback (``robust_eval:`` in the config).
+* ``mat robust-eval --config <experiment.yaml> [--ckpt_path <file>]``: the robust evaluation alone, on any
+  checkpoint (or on the configured encoder's starting weights without ``--ckpt_path``). It is ``mat test`` under a
+  name that says what it is for.
+* ``mat data check --data.dataset=flickr30k --data.root=<dir>``: read every split, decode every image, report.
+* ``mat report <run dirs or results.json...>``: a paper-style table across runs.
+
+``conf/base.yaml`` is a default config file of every subcommand. Each run gets its own directory,
+``<run_root>/<experiment>/<timestamp>/``, holding ``config.yaml``, ``checkpoints/``, ``results.*``, ``curves.png``
+and the W&B files. User errors (:class:`~mat_lightning.errors.MatError`) print one message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from mat_lightning.data.datamodule import RetrievalDataModule
+from mat_lightning.errors import MatError
+from mat_lightning.eval.robust import RobustRetrievalEval
+from mat_lightning.logging import SaveConfigToWandb
+from mat_lightning.module import MatModule
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO_ROOT / "conf" / "base.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class MatCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        sub_kwargs = {"parser_mode": "omegaconf"}
+        if BASE_CONFIG.is_file():
+            sub_kwargs["default_config_files"] = [str(BASE_CONFIG)]
+        super().__init__(
+            MatModule,
+            RetrievalDataModule,
+            save_config_callback=SaveConfigToWandb,
+            save_config_kwargs={"overwrite": True},
+            # Attacks need autograd at validate/test time (Lightning issues #14497, #17653): not only a YAML default.
+            trainer_defaults={"inference_mode": False},
+            parser_kwargs={"parser_mode": "omegaconf", **{s: dict(sub_kwargs) for s in SUBCOMMANDS}},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--experiment", type=str, default="default", help="Run name: groups runs and names the run folder.")
+        parser.add_argument("--run_root", type=str, default="runs", help="Folder that holds <experiment>/<timestamp>/ run folders.")
+        parser.add_lightning_class_args(RobustRetrievalEval, "robust_eval")
+        parser.link_arguments("experiment", "robust_eval.experiment")
+
+    # -- one folder per run -------------------------------------------------------------------------------------------
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        # DDP re-executes this command in each process: the first process picks the folder, the others inherit it
+        # through the environment (multi-node runs: pass --trainer.default_root_dir explicitly).
+        is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0
+        if is_child and "MAT_RUN_DIR" in os.environ:
+            run_dir = os.environ["MAT_RUN_DIR"]
+        else:
+            run_dir = cfg.trainer.default_root_dir or new_run_dir(Path(cfg.run_root) / cfg.experiment)
+            os.environ["MAT_RUN_DIR"] = run_dir
+        cfg.trainer.default_root_dir = run_dir
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        for lg in loggers:
+            if not hasattr(lg, "class_path"):
+                continue
+            args = lg.init_args
+            args.save_dir = run_dir
+            if lg.class_path.endswith("WandbLogger"):
+                args.group = args.get("group") or cfg.experiment
+                args.job_type = args.get("job_type") or self.subcommand
+                args.name = args.get("name") or f"{cfg.experiment}/{Path(run_dir).name}"
+            elif "name" in args:
+                args.name, args.version = "", ""
+        for cb in cfg.trainer.callbacks or []:
+            if getattr(cb, "class_path", "").endswith("ModelCheckpoint") and cb.init_args.get("dirpath") is None:
+                cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")
+        rank_zero_info(f"run folder: {run_dir}")
+
+    def after_fit(self) -> None:
+        """Test the best checkpoint (with the robust evaluation) once training is done."""
+        ckpt = self.trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+        if not best:
+            rank_zero_warn("no best checkpoint recorded (no ModelCheckpoint monitoring val?): testing the last weights")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def new_run_dir(parent: Path) -> str:
+    """``parent/<YYYYmmdd-HHMMSS>``, with a ``-<n>`` suffix if that folder already exists."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = parent / stamp, 1
+    while candidate.exists():
+        candidate, n = parent / f"{stamp}-{n}", n + 1
+    candidate.mkdir(parents=True)
+    return str(candidate)
+
+
+def _print_error(e: BaseException) -> None:
+    msg = str(e)
+    if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the error line, not the worker's trace
+        msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:2] == ["data", "check"]:
+            from mat_lightning.data.check import main as data_check
+
+            data_check(argv[2:])
+            return
+        if argv[:1] == ["report"]:
+            from mat_lightning.eval.table import main as report
+
+            report(argv[1:])
+            return
+        if argv[:1] == ["robust-eval"]:
+            argv[0] = "test"
+        if from_command_line:
+            sys.argv[1:] = argv  # DDP re-executes sys.argv in each process; keep it what we run
+            MatCLI()
+        else:
+            MatCLI(args=argv)
+    except MatError as e:
+        _print_error(e)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints and result files written so far are complete", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""RetrievalDataModule: 1:N training batches and evaluation sets for image-text retrieval.
+
+* **Train batches** hold ``B`` images and ``k`` captions per image, sampled from that image's caption pool (its
+  ground-truth captions plus, with MAT+, augmented ones). Captions of one image are positives of each other; the
+  loss reads that from ``txt2img``/``image_ids``.
+* **Eval batches** hold ``B`` images with *all* their captions (ragged: COCO has images with 6), so that an attack
+  sees each image once together with all of its captions (SGA's protocol) and recall is computed over the split.
+
+Images reach the model as ``float[B, 3, S, S]`` in [0, 1]: shorter side resized to ``S`` (bicubic, antialiased),
+centre crop, no normalisation (the encoder normalises). ``S`` is the encoder's ``image_size`` unless given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mat_lightning.data.formats import Format, ImageCaptions, check_images_exist, read_annotations
+from mat_lightning.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ANNOTATIONS = {"flickr30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
+
+
+@dataclass
+class RetrievalBatch:
+    """Images with their captions, flattened image-major.
+
+    Attributes:
+        images: float[B, 3, H, W] in [0, 1].
+        captions: T strings.
+        txt2img: long[T], the row of ``images`` each caption belongs to.
+        image_ids: long[B], the image's index in its split; equal ids mean the same underlying image (positives).
+    """
+
+    images: Tensor
+    captions: list[str]
+    txt2img: Tensor
+    image_ids: Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def load_image(path: Path, size: int) -> Tensor:
+    """Decode, resize the shorter side to ``size`` (bicubic, antialiased) and centre-crop: uint8[3, size, size]."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            if (w, h) != (size, size):
+                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            arr = np.asarray(im, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}. Check --data.image_root or re-create the data set.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"image cannot be decoded: {path} ({e}). Replace or remove the file.") from None
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+class ImageStore:
+    """Decoded, resized images of one split, optionally preloaded into memory as uint8."""
+
+    def __init__(self, paths: Sequence[Path], size: int, preload: bool) -> None:
+        self.paths, self.size = list(paths), size
+        self.cache: Tensor | None = None
+        if preload:
+            self.cache = torch.stack([load_image(p, size) for p in self.paths]) if self.paths else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.cache[i] if self.cache is not None else load_image(self.paths[i], self.size)
+
+
+CaptionSampler = Callable[[int], list[str]]
+
+
+class TrainSet(Dataset):
+    """Item ``i``: (uint8 image[3, S, S], k captions of image ``i``, i).
+
+    ``caption_pool(i)`` gives all captions eligible as positives of image ``i``; ``k`` are drawn without replacement
+    when the pool is large enough, with replacement otherwise. Randomness comes from torch's global generator, which
+    Lightning's ``seed_everything(workers=True)`` makes reproducible.
+    """
+
+    def __init__(self, store: ImageStore, caption_pool: CaptionSampler, k: int) -> None:
+        self.store, self.caption_pool, self.k = store, caption_pool, k
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, list[str], int]:
+        pool = self.caption_pool(i)
+        if len(pool) >= self.k:
+            idx = torch.randperm(len(pool))[: self.k].tolist()
+        else:
+            idx = torch.randint(len(pool), (self.k,)).tolist()
+        return self.store[i], [pool[j] for j in idx], i
+
+
+class EvalSet(Dataset):
+    """Item ``i``: (uint8 image[3, S, S], all captions of image ``i``, i)."""
+
+    def __init__(self, store: ImageStore, records: Sequence[ImageCaptions]) -> None:
+        self.store, self.records = store, records
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, list[str], int]:
+        return self.store[i], self.records[i].captions, i
+
+    @property
+    def captions(self) -> list[str]:
+        return [c for r in self.records for c in r.captions]
+
+    @property
+    def txt2img(self) -> Tensor:
+        return torch.tensor([i for i, r in enumerate(self.records) for _ in r.captions], dtype=torch.long)
+
+
+def collate(items: list[tuple[Tensor, list[str], int]]) -> RetrievalBatch:
+    images = torch.stack([im for im, _, _ in items]).float().div_(255)
+    captions = [c for _, caps, _ in items for c in caps]
+    txt2img = torch.tensor([b for b, (_, caps, _) in enumerate(items) for _ in caps], dtype=torch.long)
+    return RetrievalBatch(images, captions, txt2img, torch.tensor([i for _, _, i in items], dtype=torch.long))
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Image-caption retrieval data: the synthetic world, Flickr30K or COCO (Karpathy splits), or your own files.
+
+    Args:
+        dataset: ``synthetic`` (generated and cached on first use), ``flickr30k``, ``coco``, or ``custom``.
+        root: data folder (real data sets). Annotation and image paths default to files inside it.
+        world: the synthetic world's preset (``default``, ``tiny``); only for ``dataset=synthetic``.
+        annotations: the annotation file: one Karpathy file for all splits, or a mapping
+            ``{train: ..., val: ..., test: ...}`` of ALBEF-style files. Default: ``root/dataset_<name>.json``.
+        image_root: folder the annotation's image paths are relative to (default: ``root``; for Karpathy Flickr30K,
+            ``root/flickr30k-images`` when it exists).
+        format: annotation layout, ``auto`` detects it.
+        train_split, val_split, test_split: Karpathy split names.
+        batch_size: training images per batch (each with ``captions_per_image`` captions).
+        captions_per_image: ``k``, positives sampled per image per training batch.
+        eval_batch_size: images per evaluation batch (each with all its captions).
+        max_eval_images: evaluate on the first N images of val/test only (a quick look; full splits otherwise).
+        image_size: side in pixels; default: the encoder's ``image_size`` (read at ``setup``).
+        preload: decode all images into memory at setup (default: on for the synthetic world).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        root: str | None = None,
+        world: str = "default",
+        annotations: str | dict[str, str] | None = None,
+        image_root: str | None = None,
+        format: Format = "auto",
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        batch_size: int = 128,
+        captions_per_image: int = 1,
+        eval_batch_size: int = 128,
+        max_eval_images: int | None = None,
+        image_size: int | None = None,
+        preload: bool | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if dataset not in ("synthetic", "flickr30k", "coco", "custom"):
+            raise ConfigError(f"data.dataset={dataset!r}: use synthetic, flickr30k, coco or custom")
+        if dataset != "synthetic" and root is None and annotations is None:
+            raise ConfigError(f"data.dataset={dataset!r} needs --data.root=<folder> (or --data.annotations=<file>)")
+        if captions_per_image < 1:
+            raise ConfigError(f"data.captions_per_image={captions_per_image}: must be >= 1")
+        self.save_hyperparameters(logger=False)
+        self.dataset, self.root, self.world = dataset, root, world
+        self.annotations, self.image_root, self.format = annotations, image_root, format
+        self.splits = {"fit": train_split, "validate": val_split, "test": test_split}
+        self.batch_size, self.captions_per_image = batch_size, captions_per_image
+        self.eval_batch_size, self.max_eval_images = eval_batch_size, max_eval_images
+        self.image_size, self.num_workers = image_size, num_workers
+        self.preload = dataset == "synthetic" if preload is None else preload
+        self.records: dict[str, list[ImageCaptions]] = {}
+        self.train_set: TrainSet | None = None
+        self.eval_sets: dict[str, EvalSet] = {}
+
+    # -- where the files are --------------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        if self.dataset == "synthetic":
+            from mat_lightning import world  # builds and caches the world on first use (our "download")
+
+            world.ensure_world(self.world)
+
+    def annotation_file(self, split: str) -> Path:
+        if self.dataset == "synthetic":
+            from mat_lightning import world
+
+            return world.ensure_world(self.world)
+        if isinstance(self.annotations, dict):
+            if split not in self.annotations:
+                raise ConfigError(f"data.annotations has no file for split {split!r} (keys: {sorted(self.annotations)})")
+            return Path(self.annotations[split])
+        if self.annotations is not None:
+            return Path(self.annotations)
+        if self.dataset not in DEFAULT_ANNOTATIONS:
+            raise ConfigError("data.dataset=custom needs --data.annotations=<file or {split: file}>")
+        return Path(self.root) / DEFAULT_ANNOTATIONS[self.dataset]
+
+    def _image_root(self, annotation: Path) -> Path:
+        if self.image_root is not None:
+            return Path(self.image_root)
+        base = Path(self.root) if self.root is not None else annotation.parent
+        if self.dataset == "flickr30k" and (base / "flickr30k-images").is_dir():
+            return base / "flickr30k-images"
+        return base
+
+    def read_split(self, split: str) -> list[ImageCaptions]:
+        """Records of one split (cached); raises DataError when a file or image is missing."""
+        if split not in self.records:
+            if self.root is not None and self.dataset != "synthetic" and not Path(self.root).is_dir():
+                raise DataError(f"data folder not found: {self.root}. Check --data.root.")
+            path = self.annotation_file(split)
+            karpathy_split = None if isinstance(self.annotations, dict) else split
+            records = read_annotations(path, self._image_root(path), karpathy_split, self.format)
+            check_images_exist(records, path)
+            self.records[split] = records
+        return self.records[split]
+
+    # -- datasets ---------------------------------------------------------------------------------------------------
+
+    def _resolve_image_size(self) -> int:
+        if self.image_size is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            encoder = getattr(module, "encoder", None)
+            if encoder is None:
+                raise ConfigError("data.image_size is not set and there is no encoder to take it from")
+            self.image_size = int(encoder.image_size)
+        return self.image_size
+
+    def caption_pool(self, records: Sequence[ImageCaptions]) -> CaptionSampler:
+        """Captions eligible as positives of image ``i`` (ground truth; augmentation adds to it)."""
+        return lambda i: records[i].captions
+
+    def eval_set(self, stage: str) -> EvalSet:
+        """The evaluation set of ``validate`` or ``test`` (limited to ``max_eval_images``)."""
+        if stage not in self.eval_sets:
+            records = self.read_split(self.splits[stage])
+            if self.max_eval_images is not None:
+                records = records[: self.max_eval_images]
+            store = ImageStore([r.image_path for r in records], self._resolve_image_size(), self.preload)
+            self.eval_sets[stage] = EvalSet(store, records)
+        return self.eval_sets[stage]
+
+    def setup(self, stage: str) -> None:
+        size = self._resolve_image_size()
+        if stage == "fit" and self.train_set is None:
+            records = self.read_split(self.splits["fit"])
+            store = ImageStore([r.image_path for r in records], size, self.preload)
+            self.train_set = TrainSet(store, self.caption_pool(records), self.captions_per_image)
+            log.info("train split %r: %d images", self.splits["fit"], len(records))
+        if stage in ("fit", "validate"):
+            self.eval_set("validate")
+        if stage == "test":
+            self.eval_set("test")
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(ds) > batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_set("validate"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_set("test"), self.eval_batch_size, shuffle=False)

@@ -1,0 +1,178 @@
+"""Readers for the two annotation layouts of the field, into one record type.
+
+* **Karpathy** (``dataset_flickr30k.json``, ``dataset_coco.json``, and our synthetic world):
+  ``{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}, ...], ...}]}``.
+* **ALBEF/SGA** (``flickr30k_test.json``, ``coco_test.json``, ``*_train.json``): a list of
+  ``{"image": "<relative path>", "caption": [str, ...] | str}``. The train files have one caption per entry and repeat
+  the image; entries of the same image are merged, in file order.
+
+Every problem is reported as :class:`~mat_lightning.errors.DataError` naming the file and the entry, never as a
+``KeyError`` from deep inside a loop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mat_lightning.errors import DataError
+
+Format = Literal["auto", "karpathy", "albef"]
+
+
+@dataclass
+class ImageCaptions:
+    """One image and all of its captions.
+
+    Attributes:
+        image_path: path of the image file (``image_root`` joined with the annotation's relative path).
+        captions: the captions, at least one.
+        image_id: the image's key for augmentation providers: its path relative to ``image_root``.
+        split: ``train``/``val``/``test`` (Karpathy's ``restval`` is reported as is) or None when the file has none.
+        meta: extra fields of the entry (the synthetic world keeps its ``scene`` here).
+    """
+
+    image_path: Path
+    captions: list[str]
+    image_id: str
+    split: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_json(path: str | Path) -> Any:
+    """Parse a JSON file, turning every failure into a DataError that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        hint = "it is a folder; point to the .json file inside it" if path.is_dir() else "check the path"
+        raise DataError(f"annotation file not found: {path} ({hint})")
+    try:
+        with path.open(encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
+            "Re-download or re-generate the file."
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); is this really the annotation JSON?") from None
+
+
+def detect_format(data: Any, path: Path) -> Literal["karpathy", "albef"]:
+    if isinstance(data, dict) and "images" in data:
+        return "karpathy"
+    if isinstance(data, list):
+        return "albef"
+    raise DataError(
+        f"{path}: unknown annotation layout (top level is a {type(data).__name__}"
+        f"{' with keys ' + str(sorted(data)[:5]) if isinstance(data, dict) else ''}). Expected Karpathy's "
+        '{"images": [...]} or an ALBEF-style list of {"image", "caption"} entries.'
+    )
+
+
+def _clean_captions(raw: Any, where: str) -> list[str]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        raise DataError(f"{where}: captions must be a string or a list of strings, got {type(raw).__name__}")
+    caps = [c.strip() for c in raw if c.strip()]
+    if not caps:
+        raise DataError(f"{where}: has no captions. Remove the entry or add at least one caption.")
+    return caps
+
+
+def read_karpathy(path: Path, data: dict, image_root: Path, split: str | None) -> list[ImageCaptions]:
+    images = data["images"]
+    if not isinstance(images, list):
+        raise DataError(f"{path}: 'images' must be a list, got {type(images).__name__}")
+    out = []
+    for i, entry in enumerate(images):
+        where = f"{path}: images[{i}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where} is a {type(entry).__name__}, expected an object")
+        if "filename" not in entry:
+            raise DataError(f"{where} has no 'filename' (keys: {sorted(entry)})")
+        entry_split = entry.get("split")
+        if split is not None and entry_split != split and not (split == "train" and entry_split == "restval"):
+            continue
+        sentences = entry.get("sentences")
+        if sentences is None:
+            raise DataError(f"{where} ({entry['filename']}) has no 'sentences'")
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
+            raise DataError(f"{where} ({entry['filename']}): 'sentences' must be a list of {{'raw': str}}")
+        rel = Path(entry.get("filepath", "")) / entry["filename"]
+        meta = {k: v for k, v in entry.items() if k not in ("filename", "filepath", "split", "sentences", "sentids")}
+        out.append(
+            ImageCaptions(
+                image_path=image_root / rel,
+                captions=_clean_captions([s["raw"] for s in sentences], f"{where} ({rel})"),
+                image_id=rel.as_posix(),
+                split=entry_split,
+                meta=meta,
+            )
+        )
+    return out
+
+
+def read_albef(path: Path, data: list, image_root: Path) -> list[ImageCaptions]:
+    by_image: dict[str, ImageCaptions] = {}
+    for i, entry in enumerate(data):
+        where = f"{path}: entry [{i}]"
+        if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
+            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise DataError(f"{where} must have 'image' and 'caption' (got {keys})")
+        rel = str(entry["image"])
+        caps = _clean_captions(entry["caption"], f"{where} ({rel})")
+        if rel in by_image:
+            by_image[rel].captions.extend(caps)
+        else:
+            by_image[rel] = ImageCaptions(image_path=image_root / rel, captions=caps, image_id=rel)
+    return list(by_image.values())
+
+
+def read_annotations(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    split: str | None = None,
+    format: Format = "auto",
+) -> list[ImageCaptions]:
+    """Read an annotation file into records, in file order.
+
+    Args:
+        path: the JSON file.
+        image_root: folder the image paths are relative to (default: the file's folder).
+        split: keep only this Karpathy split (``train`` also keeps ``restval``). Ignored for ALBEF files, which
+            hold one split per file.
+        format: ``auto`` detects the layout from the top-level type.
+
+    Raises:
+        DataError: missing or malformed file, an entry without image or captions.
+    """
+    path = Path(path)
+    data = load_json(path)
+    fmt = detect_format(data, path) if format == "auto" else format
+    root = Path(image_root) if image_root is not None else path.parent
+    if fmt == "karpathy":
+        if not isinstance(data, dict) or "images" not in data:
+            raise DataError(f'{path}: format=karpathy needs a top-level {{"images": [...]}}')
+        records = read_karpathy(path, data, root, split)
+    else:
+        if not isinstance(data, list):
+            raise DataError(f"{path}: format=albef needs a top-level list of entries")
+        records = read_albef(path, data, root)
+    if not records:
+        found = sorted({e.get("split") for e in data["images"] if isinstance(e, dict)}) if fmt == "karpathy" else []
+        raise DataError(f"{path}: no images{f' in split {split!r} (splits present: {found})' if split else ''}")
+    return records
+
+
+def check_images_exist(records: list[ImageCaptions], annotation: str | Path, limit: int = 5) -> None:
+    """Raise one DataError listing the first missing image files."""
+    missing = [r.image_path for r in records if not r.image_path.is_file()]
+    if missing:
+        shown = "\n  ".join(str(p) for p in missing[:limit])
+        raise DataError(
+            f"{len(missing)} of {len(records)} images listed in {annotation} are missing, e.g.\n  {shown}\n"
+            "Check --data.image_root (the folder the annotation's image paths are relative to)."
+        )

@@ -1,0 +1,416 @@
+"""The synthetic world: a seeded, procedurally generated image-caption data set with real 1:N structure.
+
+No data set or pretrained weights can be downloaded on our machines, so this world is the embedded default on which
+the whole pipeline (pretraining, fine-tuning with MAT, attacks, retrieval evaluation) runs on a laptop CPU. It is a
+simulation for trying the method, **not** a benchmark about Flickr30K or COCO.
+
+What it models:
+
+* **scenes** of 1-3 objects (shape x colour x size x position) on a plain background;
+* a **renderer** to PNG (default 64x64);
+* a **caption grammar** with a thesaurus ("a red circle left of a small blue square", "a small azure box to the
+  right of a crimson disc"), so five ground-truth captions per image differ in words, order and detail, as human
+  captions do;
+* the simulated **1:N generators** of MAT+ (DESIGN §2): grammar re-sampling (LM rewrite), an oracle captioner in
+  another style that may omit details (I2T), and a re-rendering of a caption's scene in a new layout (T2I).
+
+The data set is written in Karpathy layout (``dataset_synthetic.json`` + ``images/``) so the same reader as
+Flickr30K loads it; each image entry also keeps its ``scene`` so the augmentation providers can be built from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vocabulary. Each concept maps to the words that may name it; the first word is the canonical one.
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+}
+COLOUR_WORDS: dict[str, list[str]] = {
+    "red": ["red", "crimson", "scarlet"],
+    "green": ["green", "emerald", "lime"],
+    "blue": ["blue", "azure", "navy"],
+    "yellow": ["yellow", "golden", "lemon"],
+    "purple": ["purple", "violet", "lilac"],
+    "orange": ["orange", "amber", "tangerine"],
+}
+SHAPE_WORDS: dict[str, list[str]] = {
+    "circle": ["circle", "disc", "dot"],
+    "square": ["square", "box", "block"],
+    "triangle": ["triangle", "wedge", "pyramid"],
+    "cross": ["cross", "plus", "x"],
+    "star": ["star", "starburst", "asterisk"],
+    "diamond": ["diamond", "rhombus", "lozenge"],
+}
+SIZE_WORDS: dict[str, list[str]] = {
+    "small": ["small", "tiny", "little"],
+    "large": ["large", "big", "huge"],
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (15, 15, 18),
+    "gray": (120, 120, 125),
+    "white": (235, 235, 230),
+}
+BACKGROUND_WORDS: dict[str, list[str]] = {
+    "black": ["black", "dark"],
+    "gray": ["gray", "grey"],
+    "white": ["white", "pale"],
+}
+# Relations of object a to object b, by the dominant axis of (b - a).
+RELATION_WORDS: dict[str, list[str]] = {
+    "left of": ["left of", "to the left of", "on the left of"],
+    "right of": ["right of", "to the right of", "on the right of"],
+    "above": ["above", "over", "on top of"],
+    "below": ["below", "under", "beneath"],
+}
+INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+RADIUS_FRACTION = {"small": 0.11, "large": 0.19}  # of the image side
+
+
+def thesaurus() -> dict[str, list[str]]:
+    """Word -> its synonyms in this world (every word of a synonym group maps to the others).
+
+    Multi-word relation phrases are left out: EDA replaces single words.
+    """
+    out: dict[str, list[str]] = {}
+    for groups in (COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, BACKGROUND_WORDS):
+        for words in groups.values():
+            for w in words:
+                out[w] = [s for s in words if s != w]
+    for w, syns in {
+        "picture": ["image", "photo"],
+        "image": ["picture", "photo"],
+        "photo": ["picture", "image"],
+        "shapes": ["objects", "figures"],
+        "objects": ["shapes", "figures"],
+        "figures": ["shapes", "objects"],
+        "over": ["above"],
+        "above": ["over"],
+        "under": ["below", "beneath"],
+        "below": ["under", "beneath"],
+        "beneath": ["below", "under"],
+        "background": ["backdrop"],
+        "backdrop": ["background"],
+    }.items():
+        out.setdefault(w, syns)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scenes
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object. ``x``, ``y`` are the centre in [0, 1] image coordinates (y grows downwards)."""
+
+    shape: str
+    colour: str
+    size: str
+    x: float
+    y: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[SceneObject, ...]
+
+    def to_json(self) -> dict:
+        return {"background": self.background, "objects": [asdict(o) for o in self.objects]}
+
+    @staticmethod
+    def from_json(d: dict) -> Scene:
+        return Scene(background=d["background"], objects=tuple(SceneObject(**o) for o in d["objects"]))
+
+
+def _place(rng: random.Random, sizes: list[str], tries: int = 200) -> list[tuple[float, float]]:
+    """Non-overlapping centres for objects of the given sizes, inside the frame."""
+    centres: list[tuple[float, float]] = []
+    for size in sizes:
+        r = RADIUS_FRACTION[size]
+        for _ in range(tries):
+            x, y = rng.uniform(r + 0.02, 1 - r - 0.02), rng.uniform(r + 0.02, 1 - r - 0.02)
+            ok = all(
+                math.hypot(x - cx, y - cy) > r + RADIUS_FRACTION[s] + 0.04
+                for (cx, cy), s in zip(centres, sizes, strict=False)
+            )
+            if ok:
+                break
+        centres.append((x, y))
+    return centres
+
+
+def sample_scene(rng: random.Random, max_objects: int = 3) -> Scene:
+    """A random scene of 1..max_objects objects with distinct (shape, colour) pairs."""
+    n = rng.randint(1, max_objects)
+    kinds: list[tuple[str, str]] = []
+    while len(kinds) < n:
+        kind = (rng.choice(list(SHAPE_WORDS)), rng.choice(list(COLOURS)))
+        if kind not in kinds:
+            kinds.append(kind)
+    sizes = [rng.choice(list(SIZE_WORDS)) for _ in range(n)]
+    centres = _place(rng, sizes)
+    objects = tuple(
+        SceneObject(shape=s, colour=c, size=z, x=round(x, 4), y=round(y, 4))
+        for (s, c), z, (x, y) in zip(kinds, sizes, centres, strict=True)
+    )
+    return Scene(background=rng.choice(list(BACKGROUNDS)), objects=objects)
+
+
+def relayout(scene: Scene, rng: random.Random) -> Scene:
+    """The same objects (shape, colour, size) at new positions: the T2I simulation of "render this caption again"."""
+    centres = _place(rng, [o.size for o in scene.objects])
+    objects = tuple(
+        SceneObject(o.shape, o.colour, o.size, round(x, 4), round(y, 4))
+        for o, (x, y) in zip(scene.objects, centres, strict=True)
+    )
+    return Scene(background=scene.background, objects=objects)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
+    if shape == "star":
+        pts = []
+        for i in range(10):
+            a = -math.pi / 2 + i * math.pi / 5
+            rr = r if i % 2 == 0 else 0.45 * r
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return pts
+    raise ValueError(shape)
+
+
+def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> Image.Image:
+    """Draw a scene to an RGB image of ``size`` x ``size`` pixels.
+
+    With ``rng``, colours get a small random shade change (±20 per channel, ±10 for the background) so that a colour word names a region of
+    colour space rather than one exact RGB value.
+    """
+
+    def jitter(rgb: tuple[int, int, int], amount: int = 20) -> tuple[int, int, int]:
+        if rng is None:
+            return rgb
+        return tuple(max(0, min(255, v + rng.randint(-amount, amount))) for v in rgb)  # type: ignore[return-value]
+
+    img = Image.new("RGB", (size, size), jitter(BACKGROUNDS[scene.background], 10))
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        cx, cy, r = o.x * size, o.y * size, RADIUS_FRACTION[o.size] * size
+        fill = jitter(COLOURS[o.colour])
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "square":
+            s = 0.85 * r
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        elif o.shape == "cross":
+            w = 0.33 * r
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        else:
+            draw.polygon(_shape_points(o.shape, cx, cy, r), fill=fill)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Captions
+
+
+def relation(a: SceneObject, b: SceneObject) -> str:
+    """Where ``a`` is relative to ``b``: 'left of', 'right of', 'above' or 'below'."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _noun_phrase(o: SceneObject, rng: random.Random, p_size: float = 0.6, article: bool = True) -> str:
+    words = []
+    if rng.random() < p_size:
+        words.append(rng.choice(SIZE_WORDS[o.size]))
+    words.append(rng.choice(COLOUR_WORDS[o.colour]))
+    words.append(rng.choice(SHAPE_WORDS[o.shape]))
+    phrase = " ".join(words)
+    return f"{_article(phrase)} {phrase}" if article else phrase
+
+
+def _article(phrase: str) -> str:
+    return "an" if phrase[0] in "aeiou" else "a"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _background_phrase(scene: Scene, rng: random.Random) -> str:
+    return f"on a {rng.choice(BACKGROUND_WORDS[scene.background])} {rng.choice(['background', 'backdrop'])}"
+
+
+def describe(scene: Scene, rng: random.Random) -> str:
+    """One ground-truth-style caption of the scene, sampled from the grammar.
+
+    Captions vary the synonyms, the word order (which object leads a relation), optional details (size, background)
+    and the template, so five samples of one scene read like five annotators.
+    """
+    objs = list(scene.objects)
+    rng.shuffle(objs)
+    if len(objs) == 1:
+        np = _noun_phrase(objs[0], rng)
+        template = rng.randrange(4)
+        if template == 0:
+            text = np
+        elif template == 1:
+            text = f"{np} {_background_phrase(scene, rng)}"
+        elif template == 2:
+            text = f"there is {np} in the {rng.choice(['picture', 'image'])}"
+        else:
+            text = f"a single {rng.choice(COLOUR_WORDS[objs[0].colour])} {rng.choice(SHAPE_WORDS[objs[0].shape])}"
+        return text
+    a, b = objs[0], objs[1]
+    rel = rng.choice(RELATION_WORDS[relation(a, b)])
+    template = rng.randrange(4)
+    if template == 0:
+        text = f"{_noun_phrase(a, rng)} {rel} {_noun_phrase(b, rng)}"
+    elif template == 1:
+        text = f"{NUMBER_WORDS[len(objs)]} {rng.choice(['shapes', 'objects'])}: " + _join(
+            [_noun_phrase(o, rng) for o in objs]
+        )
+    elif template == 2:
+        text = _join([_noun_phrase(o, rng) for o in objs]) + " " + _background_phrase(scene, rng)
+    else:
+        text = f"{_noun_phrase(a, rng)} {rel} {_noun_phrase(b, rng)}"
+    if len(objs) == 3 and template in (0, 3):
+        text += f" {rng.choice(['with', 'and'])} {_noun_phrase(objs[2], rng)}"
+    return text
+
+
+def oracle_caption(scene: Scene, rng: random.Random) -> str:
+    """The I2T simulation: a captioner describing the image in its own style ("a photo of ..."), which names every
+    object by its canonical words but sometimes omits sizes, relations or a third object, as real captioners do."""
+    objs = sorted(scene.objects, key=lambda o: o.x)  # a captioner reads left to right
+    if len(objs) == 3 and rng.random() < 0.3:
+        objs = objs[:2]
+    parts = []
+    for o in objs:
+        size = f"{o.size} " if rng.random() < 0.5 else ""
+        phrase = f"{size}{o.colour} {o.shape}"
+        parts.append(f"{_article(phrase)} {phrase}")
+    lead = rng.choice(["a photo of", "an image of", "a picture showing"])
+    text = f"{lead} {_join(parts)}"
+    if rng.random() < 0.5:
+        text += f" on a {scene.background} background"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The data set on disk
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything that determines the generated data set; its hash names the cache folder.
+
+    Attributes:
+        seed: master seed; the same config always writes the same files.
+        n_train, n_val, n_test: images per Karpathy split.
+        image_size: rendered side in pixels.
+        max_objects: objects per scene are drawn from 1..max_objects.
+        captions_per_image: ground-truth captions per image (5, as Flickr30K).
+    """
+
+    seed: int = 0
+    n_train: int = 3000
+    n_val: int = 200
+    n_test: int = 200
+    image_size: int = 64
+    max_objects: int = 3
+    captions_per_image: int = 5
+
+    def digest(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True) + f"|format={FORMAT_VERSION}"
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Bump when the generator changes in a way that changes its output, so stale caches are not reused.
+FORMAT_VERSION = 1
+ANNOTATION_FILE = "dataset_synthetic.json"
+
+
+def _unique_captions(scene: Scene, rng: random.Random, n: int, max_tries: int = 50) -> list[str]:
+    caps: list[str] = []
+    for _ in range(max_tries):
+        c = describe(scene, rng)
+        if c not in caps:
+            caps.append(c)
+        if len(caps) == n:
+            break
+    while len(caps) < n:  # a one-object scene may have fewer than n distinct phrasings
+        caps.append(describe(scene, rng))
+    return caps
+
+
+def write_world(cfg: WorldConfig, root: str | Path) -> Path:
+    """Generate the data set into ``root`` (Karpathy JSON + PNGs) and return the annotation file's path.
+
+    Files are written to a temporary folder and renamed into place, so an interrupted run leaves no half world.
+    """
+    root = Path(root)
+    tmp = root.with_name(root.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    rng = random.Random(cfg.seed)
+    images = []
+    sentid = 0
+    splits = ["train"] * cfg.n_train + ["val"] * cfg.n_val + ["test"] * cfg.n_test
+    for imgid, split in enumerate(splits):
+        scene = sample_scene(rng, cfg.max_objects)
+        filename = f"{imgid:06d}.png"
+        render(scene, cfg.image_size, rng).save(tmp / "images" / filename)
+        sentences = []
+        for raw in _unique_captions(scene, rng, cfg.captions_per_image):
+            sentences.append({"raw": raw, "tokens": raw.split(), "imgid": imgid, "sentid": sentid})
+            sentid += 1
+        images.append(
+            {
+                "filepath": "images",
+                "filename": filename,
+                "split": split,
+                "imgid": imgid,
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+                "scene": scene.to_json(),
+            }
+        )
+    meta = {"dataset": "synthetic", "world_config": asdict(cfg), "format_version": FORMAT_VERSION, "images": images}
+    (tmp / ANNOTATION_FILE).write_text(json.dumps(meta))
+    if root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return root / ANNOTATION_FILE

@@ -1,0 +1,17 @@
+"""Clean fine-tuning: the CLIP contrastive loss on the data as it is (no attack). The baseline every defense beats."""
+
+from __future__ import annotations
+
+from mat_lightning.data.datamodule import RetrievalBatch
+from mat_lightning.defenses.base import Defense, DefenseOutput, clip_loss
+from mat_lightning.models.encoder import VLEncoder
+
+
+class Clean(Defense):
+    """Symmetric InfoNCE on clean pairs, both towers trained; multi-positive when a batch has k > 1 captions/image."""
+
+    name = "clean"
+
+    def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
+        loss = clip_loss(encoder, batch.images, batch.captions, batch)
+        return DefenseOutput(loss, {"loss_clean": loss.item()})

@@ -1,0 +1,145 @@
+"""Image-text retrieval recall@K for 1:N data (any number of captions per image), and attack success.
+
+Follows the Karpathy-split protocol of Co-Attack/SGA/CLIP_benchmark (DESIGN §3):
+
+* **TR R@K** (text retrieval, image -> text): an image is a hit if *any* of its captions ranks in its top K.
+* **IR R@K** (image retrieval, text -> image): a caption is a hit if its image ranks in its top K.
+
+Values are percentages (0-100), as the papers print them. torchmetrics' ``RetrievalRecall`` is the IR-style
+fraction of relevant items retrieved, which for TR with 5 captions is a different number; we do not use it.
+
+**Ties count against the query** (pessimistic ranking): a negative that scores *equal* to the best positive ranks
+above it. Sorting-based code (SGA's ``itm_eval``) breaks ties by index order instead; we differ on purpose, so that an
+attack collapsing all embeddings to one point reads as 0 % recall, not 100 %.
+
+Memory: the functions never materialise more than the similarity matrix plus one ``chunk_size``-row slice of it, so
+a COCO 5k evaluation (5,000 x 25,010) needs ~0.5 GB in float32, not a sort of the whole matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+METRIC_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
+
+
+@dataclass
+class RetrievalRanks:
+    """0-based rank of the first positive for every query (rank < K means hit at K).
+
+    Attributes:
+        tr: long[n_img]; per image, number of negative captions scoring >= its best caption.
+        ir: long[n_txt]; per caption, number of other images scoring >= its own image.
+    """
+
+    tr: Tensor
+    ir: Tensor
+
+    def hits(self, k: int) -> tuple[Tensor, Tensor]:
+        """bool[n_img], bool[n_txt]: which queries are hits at K."""
+        return self.tr < k, self.ir < k
+
+
+def _check_inputs(sim: Tensor, txt2img: Tensor) -> None:
+    if sim.ndim != 2:
+        raise ValueError(f"sim must be [n_img, n_txt], got shape {tuple(sim.shape)}")
+    if txt2img.ndim != 1 or txt2img.numel() != sim.shape[1]:
+        raise ValueError(
+            f"txt2img must be long[n_txt] with n_txt={sim.shape[1]} (one image index per caption), "
+            f"got shape {tuple(txt2img.shape)}"
+        )
+    if txt2img.numel() and (int(txt2img.min()) < 0 or int(txt2img.max()) >= sim.shape[0]):
+        raise ValueError(f"txt2img values must lie in [0, {sim.shape[0]}), got [{int(txt2img.min())}, {int(txt2img.max())}]")
+
+
+@torch.no_grad()
+def retrieval_ranks(sim: Tensor, txt2img: Tensor, chunk_size: int = 1024) -> RetrievalRanks:
+    """Ranks of the first positive for both directions.
+
+    Args:
+        sim: float[n_img, n_txt], similarity of every image to every caption (higher = closer).
+        txt2img: long[n_txt], index of each caption's image (row of ``sim``).
+        chunk_size: rows (TR) / columns (IR) processed at once; bounds the temporary memory.
+
+    Returns:
+        :class:`RetrievalRanks`. An image without any caption gets rank ``n_txt`` (never a hit).
+    """
+    _check_inputs(sim, txt2img)
+    n_img, n_txt = sim.shape
+    txt2img = txt2img.to(sim.device).long()
+    cols = torch.arange(n_txt, device=sim.device)
+
+    # TR: best positive score per image, then count negatives at or above it.
+    tr = torch.empty(n_img, dtype=torch.long, device=sim.device)
+    for start in range(0, n_img, chunk_size):
+        block = sim[start : start + chunk_size]  # (b, n_txt)
+        rows = torch.arange(start, start + block.shape[0], device=sim.device)
+        is_pos = txt2img[None, :] == rows[:, None]  # (b, n_txt)
+        best_pos = block.masked_fill(~is_pos, float("-inf")).amax(dim=1)  # (b,)
+        n_above = ((block >= best_pos[:, None]) & ~is_pos).sum(dim=1)
+        has_pos = is_pos.any(dim=1)
+        tr[start : start + block.shape[0]] = torch.where(has_pos, n_above, torch.full_like(n_above, n_txt))
+
+    # IR: score of each caption's own image, then count other images at or above it.
+    ir = torch.empty(n_txt, dtype=torch.long, device=sim.device)
+    for start in range(0, n_txt, chunk_size):
+        block = sim[:, start : start + chunk_size]  # (n_img, b)
+        own = txt2img[start : start + block.shape[1]]
+        pos_score = block.gather(0, own[None, :])  # (1, b)
+        ir[start : start + block.shape[1]] = (block >= pos_score).sum(dim=0) - 1  # minus the own image
+    del cols
+    return RetrievalRanks(tr=tr, ir=ir)
+
+
+def recall_from_ranks(ranks: RetrievalRanks, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """``{"tr_r1": .., "ir_r1": .., ..., "r_mean": ..}`` in percent from precomputed ranks."""
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"tr_r{k}"] = 100.0 * (ranks.tr < k).double().mean().item()
+    for k in ks:
+        out[f"ir_r{k}"] = 100.0 * (ranks.ir < k).double().mean().item()
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+def recall_at_k(sim: Tensor, txt2img: Tensor, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
+    """Retrieval recall@K in both directions (DESIGN §3 contract).
+
+    Args:
+        sim: float[n_img, n_txt] image-caption similarities (cosine of L2-normalised embeddings for CLIP).
+        txt2img: long[n_txt], the image (row) each caption belongs to; any number of captions per image.
+        ks: the K values; keys are named ``tr_r{k}`` and ``ir_r{k}``.
+        chunk_size: rows/columns per step, bounding temporary memory.
+
+    Returns:
+        ``{"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean"}``, percentages; ``r_mean`` is the mean
+        of the 2·len(ks) recalls.
+    """
+    return recall_from_ranks(retrieval_ranks(sim, txt2img, chunk_size), ks)
+
+
+def attack_success(
+    clean: RetrievalRanks, adv: RetrievalRanks, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Both attack-success definitions of the literature, named apart (reference-implementations.md §0.1).
+
+    * ``asr_drop_<m>`` = clean recall − adversarial recall, in points (Co-Attack's definition).
+    * ``asr_flip_<m>`` = % of queries that were hits for the clean model and are misses under attack
+      (SGA's definition; queries that only become hits under attack do not count). 0 when no query was a clean hit.
+
+    ``<m>`` runs over ``tr_r{k}``, ``ir_r{k}``; ``asr_drop_r_mean`` is included.
+    """
+    clean_r, adv_r = recall_from_ranks(clean, ks), recall_from_ranks(adv, ks)
+    out = {f"asr_drop_{m}": clean_r[m] - adv_r[m] for m in clean_r}
+    for direction in ("tr", "ir"):
+        c, a = getattr(clean, direction), getattr(adv, direction)
+        for k in ks:
+            was_hit = c < k
+            lost = was_hit & (a >= k)
+            n = int(was_hit.sum())
+            out[f"asr_flip_{direction}_r{k}"] = 100.0 * int(lost.sum()) / n if n else 0.0
+    return out

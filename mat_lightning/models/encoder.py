@@ -1,0 +1,163 @@
+"""Vision-language dual encoders behind one contract (DESIGN §4).
+
+``VLEncoder`` is what every attack, defense and metric talks to:
+
+* ``encode_image(images)``: ``float[B, 3, H, W]`` pixels **in [0, 1]** -> ``float[B, D]`` (L2-normalised by default);
+* ``encode_text(texts)``: ``list[str]`` of length ``T`` -> ``float[T, D]``; tokenisation happens inside;
+* ``logit_scale`` (the exponentiated CLIP temperature) and ``image_size`` (side in pixels).
+
+Normalisation with the model's mean/std happens *inside* ``encode_image`` (as RobustVLM's ``ClipVisionModel`` and
+TeCoA's ``clip_img_preprocessing`` do), so every epsilon is a budget in [0, 1] pixel space, as the papers state it.
+
+``OpenClipEncoder`` wraps any open_clip model: a built-in name with a ``pretrained`` tag (``'openai'``), a local
+checkpoint file, ``local-dir:``/``hf-hub:`` schemas, or the synthetic world's cached tiny CLIP (``'synthetic'``).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import Tensor, nn
+
+from mat_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(CONFIG_DIR)  # makes the tiny configs (``mat-tiny``) known to open_clip by name
+
+
+class VLEncoder(nn.Module, ABC):
+    """Dual encoder contract. Subclasses own preprocessing: pixels in [0, 1] in, embeddings out."""
+
+    image_size: int
+
+    @abstractmethod
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """``float[B, 3, H, W]`` in [0, 1] (H = W = ``image_size``) -> ``float[B, D]``."""
+
+    @abstractmethod
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
+        """``T`` strings -> ``float[T, D]``."""
+
+    @property
+    @abstractmethod
+    def logit_scale(self) -> Tensor:
+        """Scalar tensor, the multiplicative temperature of the contrastive logits (``exp`` already applied)."""
+
+    @abstractmethod
+    def vision_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the image tower (what TeCoA and FARE train)."""
+
+    @abstractmethod
+    def text_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the text tower."""
+
+
+def resolve_pretrained(spec: str | None) -> str | None:
+    """Turn a ``pretrained`` setting into what open_clip understands.
+
+    ``'synthetic'`` / ``'synthetic:<preset>'`` name the synthetic world's tiny CLIP, which is built on first use and
+    cached (:mod:`mat_lightning.world` is our stand-in for a weights hub); anything else passes through (an open_clip
+    tag or a file path).
+    """
+    if spec is None or not spec.startswith("synthetic"):
+        return spec
+    from mat_lightning import world  # late import: the world builder itself creates encoders
+
+    preset = spec.split(":", 1)[1] if ":" in spec else "default"
+    return str(world.ensure_clip(preset))
+
+
+class OpenClipEncoder(VLEncoder):
+    """An open_clip CLIP model with pixel-space inputs and string inputs.
+
+    Args:
+        model_name: open_clip architecture (``ViT-B-32``, ``ViT-L-14``, the bundled ``mat-tiny``), or a
+            ``local-dir:``/``hf-hub:`` source.
+        pretrained: weights: an open_clip tag (``openai``, ``laion2b_s34b_b79k``; downloaded by open_clip), a local
+            checkpoint file (a CLIP state dict), ``synthetic`` (the synthetic world's tiny CLIP, built and cached on
+            first use), or ``None`` for random initialisation.
+        vision_checkpoint: optional file with vision-tower weights loaded after creation (RobustVLM publishes its
+            FARE/TeCoA checkpoints this way).
+        cache_dir: open_clip's download cache.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        pretrained: str | None = "openai",
+        vision_checkpoint: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_name = model_name
+        self.pretrained = pretrained
+        resolved = resolve_pretrained(pretrained)
+        if resolved is not None and not _looks_like_tag(resolved) and not Path(resolved).is_file():
+            raise ConfigError(
+                f"pretrained={pretrained!r}: no such checkpoint file. Give an open_clip tag (e.g. 'openai'), an "
+                f"existing file, 'synthetic', or null for random weights."
+            )
+        if model_name not in open_clip.list_models() and ":" not in model_name:
+            raise ConfigError(
+                f"model_name={model_name!r} is not an open_clip architecture. Known tiny configs: "
+                f"{sorted(p.stem for p in CONFIG_DIR.glob('*.json'))}; full list: open_clip.list_models()."
+            )
+        try:
+            self.model = open_clip.create_model(
+                model_name,
+                pretrained=resolved,
+                pretrained_image_path=vision_checkpoint,
+                cache_dir=cache_dir,
+                pretrained_text=False,
+            )
+        except (RuntimeError, OSError, ValueError) as e:
+            raise ConfigError(
+                f"could not create open_clip model {model_name!r} with pretrained={pretrained!r}: {e}\n"
+                "Offline? Weights cannot be downloaded here: pass a local checkpoint file as "
+                "--model.encoder.init_args.pretrained, or 'synthetic' for the synthetic world."
+            ) from e
+        self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+        pp = open_clip.get_model_preprocess_cfg(self.model)
+        size = pp.get("size", self.model.visual.image_size)
+        self.image_size = int(size[0] if isinstance(size, list | tuple) else size)
+        self.register_buffer("image_mean", torch.tensor(pp["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(pp["std"]).view(1, 3, 1, 1), persistent=False)
+
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise ValueError(
+                f"{self.model_name} expects {self.image_size}x{self.image_size} images, got {tuple(images.shape)}; "
+                "the data module resizes to encoder.image_size"
+            )
+        pixels = (images - self.image_mean) / self.image_std
+        return self.model.encode_image(pixels, normalize=normalize)
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """``long[T, context_length]`` token ids on the model's device."""
+        return self.tokenizer(list(texts)).to(self.image_mean.device)
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
+        return self.model.encode_text(self.tokenize(texts), normalize=normalize)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale.exp()
+
+    def vision_parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.visual.parameters()
+
+    def text_parameters(self) -> Iterator[nn.Parameter]:
+        vision = {id(p) for p in self.model.visual.parameters()}
+        return (p for n, p in self.model.named_parameters() if id(p) not in vision and n != "logit_scale")
+
+
+def _looks_like_tag(spec: str) -> bool:
+    """An open_clip pretrained tag has no path separator and no file suffix."""
+    return "/" not in spec and "\\" not in spec and not spec.endswith((".pt", ".pth", ".bin", ".safetensors"))

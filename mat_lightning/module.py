@@ -1,0 +1,129 @@
+"""MatModule: a VL encoder trained by a defense, evaluated by clean retrieval recall every epoch.
+
+The training path is explicit (style anchor: Lightning's "callbacks for cross-cutting evaluation, explicit calls for
+the training path"): ``training_step`` calls ``self.defense(self.encoder, batch)``, which may call attacks. Robust
+evaluation lives in the :class:`~mat_lightning.eval.robust.RobustRetrievalEval` callback.
+
+Optimisation follows the papers' CLIP fine-tuning defaults (DESIGN §2): AdamW (lr 1e-5, weight decay 0.1 on
+matrices only), linear warm-up then cosine decay per step, CLIP's temperature clamped at 100.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+
+from mat_lightning.data.datamodule import RetrievalBatch
+from mat_lightning.defenses.base import Defense
+from mat_lightning.defenses.clean import Clean
+from mat_lightning.eval.embeddings import EmbeddingBank
+from mat_lightning.eval.retrieval import recall_at_k
+from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.models.pretrain import param_groups, warmup_cosine
+
+
+class MatModule(L.LightningModule):
+    """Fine-tunes ``encoder`` with ``defense``.
+
+    Args:
+        encoder: the dual encoder (``class_path`` + ``init_args``), e.g. ``OpenClipEncoder``.
+        defense: the training objective (``Clean``, ``MAT``, ...); default ``Clean``.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay on weight matrices (not on gains, biases or the temperature).
+        warmup_fraction: share of the optimiser steps spent in linear warm-up before the cosine decay.
+        ks: recall cut-offs logged at validation/test.
+    """
+
+    def __init__(
+        self,
+        encoder: VLEncoder,
+        defense: Defense | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.1,
+        warmup_fraction: float = 0.1,
+        ks: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["encoder", "defense"])
+        self.encoder = encoder
+        self.defense = defense if defense is not None else Clean()
+        self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
+        self.ks = list(ks or [1, 5, 10])
+        self.defense.attach(self.encoder)
+        self._freeze_untrained_towers()
+        self._bank: EmbeddingBank | None = None
+
+    def _freeze_untrained_towers(self) -> None:
+        """TeCoA and FARE train the vision tower only: everything else stops receiving gradients."""
+        trained = set()
+        if "vision" in self.defense.trains:
+            trained |= {id(p) for p in self.encoder.vision_parameters()}
+        if "text" in self.defense.trains:
+            trained |= {id(p) for p in self.encoder.text_parameters()}
+        if set(self.defense.trains) >= {"vision", "text"}:
+            trained |= {id(p) for p in self.encoder.parameters()}  # the temperature too
+        for p in self.encoder.parameters():
+            if id(p) not in trained:
+                p.requires_grad_(False)
+
+    # -- training -----------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.defense(self.encoder, batch)
+        logs = {f"train/{k}": float(v) for k, v in out.logs.items()}
+        logs["train/step_seconds"] = time.perf_counter() - t0
+        logs["train/logit_scale"] = float(self.encoder.logit_scale)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch))
+        self.log_dict(logs, batch_size=len(batch))
+        return out.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        logit_scale = getattr(getattr(self.encoder, "model", None), "logit_scale", None)
+        if logit_scale is not None and logit_scale.requires_grad:
+            with torch.no_grad():
+                logit_scale.clamp_(0, math.log(100))
+
+    def configure_optimizers(self):
+        groups = param_groups(list(self.encoder.named_parameters()), self.weight_decay)
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.warmup_fraction * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- clean evaluation ---------------------------------------------------------------------------------------------
+
+    def _eval_step(self, batch: RetrievalBatch) -> None:
+        if self._bank is None:
+            self._bank = EmbeddingBank()
+        with torch.no_grad():
+            self._bank.add(
+                self.encoder.encode_image(batch.images), batch.image_ids, self.encoder.encode_text(batch.captions), batch.txt2img
+            )
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if self._bank is None:
+            return
+        img, txt, txt2img, _ = self._bank.compute()
+        self._bank = None
+        metrics = recall_at_k(img @ txt.T, txt2img, self.ks)
+        # Every rank holds the same gathered embeddings, hence the same values: no sync needed.
+        self.log_dict({f"{stage}/clean/{k}": v for k, v in metrics.items() if k != "r_mean"})
+        self.log(f"{stage}/clean/r_mean", metrics["r_mean"], prog_bar=True)
+
+    def validation_step(self, batch: RetrievalBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: RetrievalBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
