@@ -15,6 +15,7 @@ and the W&B files. User errors (:class:`~mat_lightning.errors.MatError`) print o
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -53,8 +54,18 @@ class MatCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--experiment", type=str, default="default", help="Run name: groups runs and names the run folder.")
-        parser.add_argument("--run_root", type=str, default="runs", help="Folder that holds <experiment>/<timestamp>/ run folders.")
+        parser.add_argument(
+            "--experiment",
+            type=str,
+            default="default",
+            help="Run name: groups runs and names the run folder.",
+        )
+        parser.add_argument(
+            "--run_root",
+            type=str,
+            default="runs",
+            help="Folder that holds <experiment>/<timestamp>/ run folders.",
+        )
         parser.add_lightning_class_args(RobustRetrievalEval, "robust_eval")
         parser.link_arguments("experiment", "robust_eval.experiment")
 
@@ -84,7 +95,10 @@ class MatCLI(LightningCLI):
             elif "name" in args:
                 args.name, args.version = "", ""
         for cb in cfg.trainer.callbacks or []:
-            if getattr(cb, "class_path", "").endswith("ModelCheckpoint") and cb.init_args.get("dirpath") is None:
+            if (
+                getattr(cb, "class_path", "").endswith("ModelCheckpoint")
+                and cb.init_args.get("dirpath") is None
+            ):
                 cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")
         rank_zero_info(f"run folder: {run_dir}")
 
@@ -93,7 +107,9 @@ class MatCLI(LightningCLI):
         ckpt = self.trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
         if not best:
-            rank_zero_warn("no best checkpoint recorded (no ModelCheckpoint monitoring val?): testing the last weights")
+            rank_zero_warn(
+                "no best checkpoint recorded (no ModelCheckpoint monitoring val?): testing the last weights"
+            )
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
@@ -109,12 +125,26 @@ def new_run_dir(parent: Path) -> str:
 
 def _print_error(e: BaseException) -> None:
     msg = str(e)
-    if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the error line, not the worker's trace
+    if (
+        "Original Traceback" in msg
+    ):  # raised in a DataLoader worker: keep the error line, not the worker's trace
         msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
     print(f"error: {msg}", file=sys.stderr)
 
 
+def _setup_logging() -> None:
+    """Our INFO messages (world building, results paths) on stderr; other libraries keep their own settings."""
+    logger = logging.getLogger("mat_lightning")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[mat] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
+    _setup_logging()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -38,24 +38,50 @@ def log_robust_rows(trainer: L.Trainer, stage: str, rows: Sequence[dict], ks: Se
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     for lg in loggers:
         run = lg.experiment
-        run.log({f"{stage}/robust_recall": wandb.Table(columns=["attack", "eps_255", "metric", "value"], data=table_rows)})
+        run.log(
+            {
+                f"{stage}/robust_recall": wandb.Table(
+                    columns=["attack", "eps_255", "metric", "value"], data=table_rows
+                )
+            }
+        )
         for direction in ("tr", "ir"):
             xs, ys, names = [], [], []
             for name in attacks:
-                pts = sorted((r for r in rows if r["attack"] == name and r["eps_255"] is not None), key=lambda r: r["eps_255"])
+                pts = sorted(
+                    (r for r in rows if r["attack"] == name and r["eps_255"] is not None),
+                    key=lambda r: r["eps_255"],
+                )
                 if len(pts) > 1:
                     xs.append([r["eps_255"] for r in pts])
                     ys.append([r[f"{direction}_r1"] for r in pts])
                     names.append(name)
             if names:
-                run.log({f"{stage}/recall_vs_eps_{direction}_r1": wandb.plot.line_series(
-                    xs=xs, ys=ys, keys=names, title=f"{direction.upper()} R@1 vs eps (/255)", xname="eps_255")})
+                run.log(
+                    {
+                        f"{stage}/recall_vs_eps_{direction}_r1": wandb.plot.line_series(
+                            xs=xs,
+                            ys=ys,
+                            keys=names,
+                            title=f"{direction.upper()} R@1 vs eps (/255)",
+                            xname="eps_255",
+                        )
+                    }
+                )
             first = {}
             for r in rows:
                 first.setdefault(r["attack"], r)
-            run.log({f"{stage}/recall_vs_k_{direction}": wandb.plot.line_series(
-                xs=[list(ks)] * len(first), ys=[[r[f"{direction}_r{k}"] for k in ks] for r in first.values()],
-                keys=list(first), title=f"{direction.upper()} R@K vs K", xname="K")})
+            run.log(
+                {
+                    f"{stage}/recall_vs_k_{direction}": wandb.plot.line_series(
+                        xs=[list(ks)] * len(first),
+                        ys=[[r[f"{direction}_r{k}"] for k in ks] for r in first.values()],
+                        keys=list(first),
+                        title=f"{direction.upper()} R@K vs K",
+                        xname="K",
+                    )
+                }
+            )
 
 
 class SaveConfigToWandb(SaveConfigCallback):

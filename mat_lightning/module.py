@@ -76,7 +76,7 @@ class MatModule(L.LightningModule):
         out = self.defense(self.encoder, batch)
         logs = {f"train/{k}": float(v) for k, v in out.logs.items()}
         logs["train/step_seconds"] = time.perf_counter() - t0
-        logs["train/logit_scale"] = float(self.encoder.logit_scale)
+        logs["train/logit_scale"] = float(self.encoder.logit_scale.detach())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch))
         self.log_dict(logs, batch_size=len(batch))
         return out.loss
@@ -103,7 +103,10 @@ class MatModule(L.LightningModule):
             self._bank = EmbeddingBank()
         with torch.no_grad():
             self._bank.add(
-                self.encoder.encode_image(batch.images), batch.image_ids, self.encoder.encode_text(batch.captions), batch.txt2img
+                self.encoder.encode_image(batch.images),
+                batch.image_ids,
+                self.encoder.encode_text(batch.captions),
+                batch.txt2img,
             )
 
     def _eval_epoch_end(self, stage: str) -> None:

@@ -45,7 +45,9 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # The embedded default: smoke runs and the synthetic benchmark.
-    "default": Preset(WorldConfig(), PretrainConfig(), notes="3000/200/200 images, 64 px, tiny CLIP 700 steps"),
+    "default": Preset(
+        WorldConfig(), PretrainConfig(), notes="3000/200/200 images, 64 px, tiny CLIP 700 steps"
+    ),
     # Tests: small enough to build in seconds, good enough that attacks visibly lower recall.
     "tiny": Preset(
         WorldConfig(seed=1, n_train=384, n_val=32, n_test=32),
@@ -137,16 +139,31 @@ def ensure_clip(name: str = "default") -> Path:
             torch.manual_seed(p.clip.seed)
             encoder = OpenClipEncoder(p.clip.model_name, pretrained=None)
             t0 = time.time()
-            log.info("pretraining the synthetic world's CLIP (%s, %d steps); cached at %s", p.clip.model_name, p.clip.steps, path)
+            log.info(
+                "pretraining the synthetic world's CLIP (%s, %d steps); cached at %s",
+                p.clip.model_name,
+                p.clip.steps,
+                path,
+            )
             pretrain_clip(encoder, images, captions, p.clip)
             seconds = time.time() - t0
             test_images, test_captions = load_split(name, "test")
             metrics = clean_recall(encoder, test_images, test_captions)
-            log.info("synthetic CLIP ready in %.0fs: test TR@1 %.1f IR@1 %.1f", seconds, metrics["tr_r1"], metrics["ir_r1"])
+            log.info(
+                "synthetic CLIP ready in %.0fs: test TR@1 %.1f IR@1 %.1f",
+                seconds,
+                metrics["tr_r1"],
+                metrics["ir_r1"],
+            )
             tmp = path.with_suffix(".tmp")
             torch.save(encoder.model.state_dict(), tmp)
-            info = {"preset": name, "world": asdict(p.world), "pretrain": asdict(p.clip), "seconds": round(seconds, 1),
-                    "test_recall": metrics}
+            info = {
+                "preset": name,
+                "world": asdict(p.world),
+                "pretrain": asdict(p.clip),
+                "seconds": round(seconds, 1),
+                "test_recall": metrics,
+            }
             path.with_suffix(".json").write_text(json.dumps(info, indent=2))
             os.replace(tmp, path)
     return path

@@ -62,9 +62,13 @@ class Attack(ABC):
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
-    def __call__(self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor) -> AttackResult:
+    def __call__(
+        self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor
+    ) -> AttackResult:
         if len(captions) != txt2img.numel():
-            raise ValueError(f"{self.name}: {len(captions)} captions but txt2img has {txt2img.numel()} entries")
+            raise ValueError(
+                f"{self.name}: {len(captions)} captions but txt2img has {txt2img.numel()} entries"
+            )
         was_training = encoder.training
         flags = [(p, p.requires_grad) for p in encoder.parameters()]
         encoder.eval()
@@ -80,7 +84,9 @@ class Attack(ABC):
         return AttackResult(result.images.detach(), result.captions)
 
     @abstractmethod
-    def forward(self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor) -> AttackResult:
+    def forward(
+        self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor
+    ) -> AttackResult:
         """The attack proper; called with the encoder frozen and in eval mode, gradients enabled."""
 
     # -- budgets ----------------------------------------------------------------------------------------------------

@@ -16,11 +16,19 @@ from mat_lightning.errors import DataError
 
 
 def main(argv: list[str]) -> None:
-    parser = ArgumentParser(prog="mat data check", description=__doc__.splitlines()[0], parser_mode="omegaconf")
-    parser.add_argument("-c", "--config", action="config", help="A config file with a data: section (an experiment).")
+    parser = ArgumentParser(
+        prog="mat data check", description=__doc__.splitlines()[0], parser_mode="omegaconf"
+    )
+    parser.add_argument(
+        "-c", "--config", action="config", help="A config file with a data: section (an experiment)."
+    )
     parser.add_class_arguments(RetrievalDataModule, "data")
-    parser.add_argument("--decode", type=bool, default=True, help="Decode every image (slower, finds corrupt files).")
-    parser.add_argument("--image_size", type=int, default=224, help="Size the images are decoded to when checking.")
+    parser.add_argument(
+        "--decode", type=bool, default=True, help="Decode every image (slower, finds corrupt files)."
+    )
+    parser.add_argument(
+        "--image_size", type=int, default=224, help="Size the images are decoded to when checking."
+    )
     cfg = parser.parse_args(argv, defaults=True)
     dm: RetrievalDataModule = parser.instantiate_classes(cfg).data
     dm.prepare_data()
@@ -29,7 +37,7 @@ def main(argv: list[str]) -> None:
     for col in ("split", "images", "captions", "captions/image", "status"):
         table.add_column(col)
     problems: list[str] = []
-    for stage, split in dm.splits.items():
+    for _stage, split in dm.splits.items():
         try:
             records = dm.read_split(split)
         except DataError as e:
@@ -47,7 +55,9 @@ def main(argv: list[str]) -> None:
         status = "[green]ok" if not bad else f"[red]{len(bad)} bad images"
         table.add_row(split, str(len(records)), str(sum(per)), f"{min(per)}-{max(per)}", status)
         if bad:
-            problems.append(f"{len(bad)} images of split {split!r} cannot be used, e.g.\n  " + "\n  ".join(bad[:5]))
+            problems.append(
+                f"{len(bad)} images of split {split!r} cannot be used, e.g.\n  " + "\n  ".join(bad[:5])
+            )
     console.print(table)
     if problems:
         raise DataError("\n".join(problems))

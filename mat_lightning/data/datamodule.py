@@ -66,7 +66,9 @@ def load_image(path: Path, size: int) -> Tensor:
                 im = im.crop((left, top, left + size, top + size))
             arr = np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}. Check --data.image_root or re-create the data set.") from None
+        raise DataError(
+            f"image not found: {path}. Check --data.image_root or re-create the data set."
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"image cannot be decoded: {path} ({e}). Replace or remove the file.") from None
     return torch.from_numpy(arr).permute(2, 0, 1)
@@ -187,7 +189,9 @@ class RetrievalDataModule(L.LightningDataModule):
         if dataset not in ("synthetic", "flickr30k", "coco", "custom"):
             raise ConfigError(f"data.dataset={dataset!r}: use synthetic, flickr30k, coco or custom")
         if dataset != "synthetic" and root is None and annotations is None:
-            raise ConfigError(f"data.dataset={dataset!r} needs --data.root=<folder> (or --data.annotations=<file>)")
+            raise ConfigError(
+                f"data.dataset={dataset!r} needs --data.root=<folder> (or --data.annotations=<file>)"
+            )
         if captions_per_image < 1:
             raise ConfigError(f"data.captions_per_image={captions_per_image}: must be >= 1")
         self.save_hyperparameters(logger=False)
@@ -217,7 +221,9 @@ class RetrievalDataModule(L.LightningDataModule):
             return world.ensure_world(self.world)
         if isinstance(self.annotations, dict):
             if split not in self.annotations:
-                raise ConfigError(f"data.annotations has no file for split {split!r} (keys: {sorted(self.annotations)})")
+                raise ConfigError(
+                    f"data.annotations has no file for split {split!r} (keys: {sorted(self.annotations)})"
+                )
             return Path(self.annotations[split])
         if self.annotations is not None:
             return Path(self.annotations)
@@ -225,13 +231,13 @@ class RetrievalDataModule(L.LightningDataModule):
             raise ConfigError("data.dataset=custom needs --data.annotations=<file or {split: file}>")
         return Path(self.root) / DEFAULT_ANNOTATIONS[self.dataset]
 
-    def _image_root(self, annotation: Path) -> Path:
+    def _image_roots(self, annotation: Path) -> list[Path]:
+        """Folders the image paths may be relative to, most likely first."""
         if self.image_root is not None:
-            return Path(self.image_root)
+            return [Path(self.image_root)]
         base = Path(self.root) if self.root is not None else annotation.parent
-        if self.dataset == "flickr30k" and (base / "flickr30k-images").is_dir():
-            return base / "flickr30k-images"
-        return base
+        # Karpathy's Flickr30K file names carry no folder; the images usually sit in flickr30k-images/.
+        return [base, base / "flickr30k-images"] if self.dataset == "flickr30k" else [base]
 
     def read_split(self, split: str) -> list[ImageCaptions]:
         """Records of one split (cached); raises DataError when a file or image is missing."""
@@ -240,7 +246,12 @@ class RetrievalDataModule(L.LightningDataModule):
                 raise DataError(f"data folder not found: {self.root}. Check --data.root.")
             path = self.annotation_file(split)
             karpathy_split = None if isinstance(self.annotations, dict) else split
-            records = read_annotations(path, self._image_root(path), karpathy_split, self.format)
+            roots = self._image_roots(path)
+            records = read_annotations(path, roots[0], karpathy_split, self.format)
+            for alt in roots[1:]:
+                if not records[0].image_path.is_file() and (alt / records[0].image_id).is_file():
+                    for r in records:
+                        r.image_path = alt / r.image_id
             check_images_exist(records, path)
             self.records[split] = records
         return self.records[split]

@@ -102,7 +102,11 @@ def read_karpathy(path: Path, data: dict, image_root: Path, split: str | None) -
         if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
             raise DataError(f"{where} ({entry['filename']}): 'sentences' must be a list of {{'raw': str}}")
         rel = Path(entry.get("filepath", "")) / entry["filename"]
-        meta = {k: v for k, v in entry.items() if k not in ("filename", "filepath", "split", "sentences", "sentids")}
+        meta = {
+            k: v
+            for k, v in entry.items()
+            if k not in ("filename", "filepath", "split", "sentences", "sentids")
+        }
         out.append(
             ImageCaptions(
                 image_path=image_root / rel,
@@ -162,8 +166,14 @@ def read_annotations(
             raise DataError(f"{path}: format=albef needs a top-level list of entries")
         records = read_albef(path, data, root)
     if not records:
-        found = sorted({e.get("split") for e in data["images"] if isinstance(e, dict)}) if fmt == "karpathy" else []
-        raise DataError(f"{path}: no images{f' in split {split!r} (splits present: {found})' if split else ''}")
+        found = (
+            sorted({e.get("split") for e in data["images"] if isinstance(e, dict)})
+            if fmt == "karpathy"
+            else []
+        )
+        raise DataError(
+            f"{path}: no images{f' in split {split!r} (splits present: {found})' if split else ''}"
+        )
     return records
 
 

@@ -190,7 +190,9 @@ def relayout(scene: Scene, rng: random.Random) -> Scene:
 
 def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "triangle":
-        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        return [
+            (cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
     if shape == "diamond":
         return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
     if shape == "star":
@@ -406,7 +408,12 @@ def write_world(cfg: WorldConfig, root: str | Path) -> Path:
                 "scene": scene.to_json(),
             }
         )
-    meta = {"dataset": "synthetic", "world_config": asdict(cfg), "format_version": FORMAT_VERSION, "images": images}
+    meta = {
+        "dataset": "synthetic",
+        "world_config": asdict(cfg),
+        "format_version": FORMAT_VERSION,
+        "images": images,
+    }
     (tmp / ANNOTATION_FILE).write_text(json.dumps(meta))
     if root.exists():
         import shutil

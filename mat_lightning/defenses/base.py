@@ -36,12 +36,18 @@ class Defense(nn.Module):
     def attach(self, encoder: VLEncoder) -> None:
         """Called once with the starting encoder, before training (FARE copies it here)."""
 
-    def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:  # pragma: no cover - abstract
+    def forward(
+        self, encoder: VLEncoder, batch: RetrievalBatch
+    ) -> DefenseOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 def clip_loss(encoder: VLEncoder, images: Tensor, captions: list[str], batch: RetrievalBatch) -> Tensor:
     """The (multi-positive, DDP-aware) CLIP contrastive loss of ``images``/``captions`` laid out like ``batch``."""
     return distributed_contrastive_loss(
-        encoder.encode_image(images), encoder.encode_text(captions), encoder.logit_scale, batch.txt2img, batch.image_ids
+        encoder.encode_image(images),
+        encoder.encode_text(captions),
+        encoder.logit_scale,
+        batch.txt2img,
+        batch.image_ids,
     )

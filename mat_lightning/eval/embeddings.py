@@ -55,7 +55,7 @@ class EmbeddingBank:
         key_codes = keys[:, 0] * (int(keys[:, 1].max()) + 1 if len(keys) else 1) + keys[:, 1]
         _, first_t = _first_occurrence(key_codes)
         txt, keys = txt[first_t], keys[first_t]
-        txt2img = torch.searchsorted(ids, keys[:, 0])
+        txt2img = torch.searchsorted(ids, keys[:, 0].contiguous())
         return img, txt, txt2img, ids
 
 
@@ -63,5 +63,7 @@ def _first_occurrence(values: Tensor) -> tuple[Tensor, Tensor]:
     """Sorted unique values and the index of the first occurrence of each."""
     uniq, inverse = torch.unique(values, sorted=True, return_inverse=True)
     order = torch.arange(len(values))
-    first = torch.full((len(uniq),), len(values), dtype=torch.long).scatter_reduce(0, inverse, order, reduce="amin")
+    first = torch.full((len(uniq),), len(values), dtype=torch.long).scatter_reduce(
+        0, inverse, order, reduce="amin"
+    )
     return uniq, first

@@ -43,7 +43,11 @@ def write_results(run_dir: str | Path, payload: dict[str, Any]) -> None:
     writer.writerows(rows)
     atomic_write(run_dir / "results.csv", buf.getvalue())
     png = io.BytesIO()
-    plot_curves(rows, png, title=f"{payload.get('experiment', '')} — {payload.get('dataset', '')} {payload.get('split', '')}")
+    plot_curves(
+        rows,
+        png,
+        title=f"{payload.get('experiment', '')} — {payload.get('dataset', '')} {payload.get('split', '')}",
+    )
     atomic_write(run_dir / "curves.png", png.getvalue())
 
 
@@ -61,7 +65,10 @@ def plot_curves(rows: Sequence[dict], out: Any, title: str = "") -> None:
     attacks = list(dict.fromkeys(r["attack"] for r in rows if r["attack"] != "clean"))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(attacks):
-        pts = sorted((r for r in rows if r["attack"] == name and r.get("eps_255") is not None), key=lambda r: r["eps_255"])
+        pts = sorted(
+            (r for r in rows if r["attack"] == name and r.get("eps_255") is not None),
+            key=lambda r: r["eps_255"],
+        )
         if not pts:
             continue
         if clean is not None and pts[0]["eps_255"] > 0:
@@ -76,7 +83,7 @@ def plot_curves(rows: Sequence[dict], out: Any, title: str = "") -> None:
     ax_eps.set_ylim(0, 100)
     ks = ks_of(rows)
     seen: set[str] = set()
-    for i, row in enumerate(rows):
+    for row in rows:
         if row["attack"] in seen:  # first row of an attack is its configured budget
             continue
         seen.add(row["attack"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+NO_POSITIVE = torch.iinfo(torch.long).max  # rank of a query with nothing to find: a miss at every K
 METRIC_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
 
 
@@ -53,7 +54,9 @@ def _check_inputs(sim: Tensor, txt2img: Tensor) -> None:
             f"got shape {tuple(txt2img.shape)}"
         )
     if txt2img.numel() and (int(txt2img.min()) < 0 or int(txt2img.max()) >= sim.shape[0]):
-        raise ValueError(f"txt2img values must lie in [0, {sim.shape[0]}), got [{int(txt2img.min())}, {int(txt2img.max())}]")
+        raise ValueError(
+            f"txt2img values must lie in [0, {sim.shape[0]}), got [{int(txt2img.min())}, {int(txt2img.max())}]"
+        )
 
 
 @torch.no_grad()
@@ -66,12 +69,11 @@ def retrieval_ranks(sim: Tensor, txt2img: Tensor, chunk_size: int = 1024) -> Ret
         chunk_size: rows (TR) / columns (IR) processed at once; bounds the temporary memory.
 
     Returns:
-        :class:`RetrievalRanks`. An image without any caption gets rank ``n_txt`` (never a hit).
+        :class:`RetrievalRanks`. An image without any caption gets rank ``NO_POSITIVE`` (never a hit).
     """
     _check_inputs(sim, txt2img)
     n_img, n_txt = sim.shape
     txt2img = txt2img.to(sim.device).long()
-    cols = torch.arange(n_txt, device=sim.device)
 
     # TR: best positive score per image, then count negatives at or above it.
     tr = torch.empty(n_img, dtype=torch.long, device=sim.device)
@@ -82,7 +84,9 @@ def retrieval_ranks(sim: Tensor, txt2img: Tensor, chunk_size: int = 1024) -> Ret
         best_pos = block.masked_fill(~is_pos, float("-inf")).amax(dim=1)  # (b,)
         n_above = ((block >= best_pos[:, None]) & ~is_pos).sum(dim=1)
         has_pos = is_pos.any(dim=1)
-        tr[start : start + block.shape[0]] = torch.where(has_pos, n_above, torch.full_like(n_above, n_txt))
+        tr[start : start + block.shape[0]] = torch.where(
+            has_pos, n_above, torch.full_like(n_above, NO_POSITIVE)
+        )
 
     # IR: score of each caption's own image, then count other images at or above it.
     ir = torch.empty(n_txt, dtype=torch.long, device=sim.device)
@@ -91,7 +95,6 @@ def retrieval_ranks(sim: Tensor, txt2img: Tensor, chunk_size: int = 1024) -> Ret
         own = txt2img[start : start + block.shape[1]]
         pos_score = block.gather(0, own[None, :])  # (1, b)
         ir[start : start + block.shape[1]] = (block >= pos_score).sum(dim=0) - 1  # minus the own image
-    del cols
     return RetrievalRanks(tr=tr, ir=ir)
 
 
@@ -106,7 +109,9 @@ def recall_from_ranks(ranks: RetrievalRanks, ks: Sequence[int] = (1, 5, 10)) -> 
     return out
 
 
-def recall_at_k(sim: Tensor, txt2img: Tensor, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
+def recall_at_k(
+    sim: Tensor, txt2img: Tensor, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024
+) -> dict[str, float]:
     """Retrieval recall@K in both directions (DESIGN §3 contract).
 
     Args:

@@ -57,7 +57,9 @@ def _encode_split(
             if export is not None:
                 exported += _export_batch(export, batch, images, captions)
         with torch.no_grad():
-            bank.add(encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img)
+            bank.add(
+                encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img
+            )
     seconds = time.perf_counter() - t0
     img, txt, txt2img, _ = bank.compute()
     if export is not None and exported:
@@ -65,7 +67,9 @@ def _encode_split(
     return retrieval_ranks(img @ txt.T, txt2img), seconds, img.shape[0], txt.shape[0]
 
 
-def _export_batch(folder: Path, batch: RetrievalBatch, images: torch.Tensor, captions: list[str]) -> list[dict]:
+def _export_batch(
+    folder: Path, batch: RetrievalBatch, images: torch.Tensor, captions: list[str]
+) -> list[dict]:
     """Adversarial images as lossless PNG (8-bit) plus exact float tensors, captions in ALBEF layout."""
     from PIL import Image
 
@@ -109,7 +113,14 @@ def robust_retrieval(
     """
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     clean_ranks, seconds, _, _ = _encode_split(encoder, loader, None, device, "clean", progress)
-    rows = [{"attack": "clean", "eps_255": 0.0, **recall_from_ranks(clean_ranks, ks), "seconds": round(seconds, 3)}]
+    rows = [
+        {
+            "attack": "clean",
+            "eps_255": 0.0,
+            **recall_from_ranks(clean_ranks, ks),
+            "seconds": round(seconds, 3),
+        }
+    ]
     for attack in attacks:
         variants = [attack]
         if eps_255_grid and attack.eps_255 is not None:
@@ -117,7 +128,9 @@ def robust_retrieval(
         for variant in variants:
             tag = f"{variant.name}_eps{variant.eps_255:g}" if variant.eps_255 is not None else variant.name
             export = Path(export_dir) / tag if export_dir is not None else None
-            ranks, seconds, _, _ = _encode_split(encoder, loader, variant.clone(), device, tag, progress, export)
+            ranks, seconds, _, _ = _encode_split(
+                encoder, loader, variant.clone(), device, tag, progress, export
+            )
             rows.append(
                 {
                     "attack": variant.name,
@@ -182,7 +195,9 @@ class RobustRetrievalEval(L.Callback):
             self.export_dir if trainer.is_global_zero else None,
         )
         base = {}
-        for row in self.rows[1:]:  # scalars: each attack at its configured budget (the first row of that attack);
+        for row in self.rows[
+            1:
+        ]:  # scalars: each attack at its configured budget (the first row of that attack);
             base.setdefault(row["attack"], row)  # the clean row is MatModule's test/clean/* already
         for name, row in base.items():
             for key, value in row.items():

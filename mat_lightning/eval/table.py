@@ -19,8 +19,13 @@ from mat_lightning.errors import DataError
 from mat_lightning.eval.report import atomic_write
 
 METRIC_LABELS = {
-    "tr_r1": "TR@1", "tr_r5": "TR@5", "tr_r10": "TR@10",
-    "ir_r1": "IR@1", "ir_r5": "IR@5", "ir_r10": "IR@10", "r_mean": "RSUM/6",
+    "tr_r1": "TR@1",
+    "tr_r5": "TR@5",
+    "tr_r10": "TR@10",
+    "ir_r1": "IR@1",
+    "ir_r5": "IR@5",
+    "ir_r10": "IR@10",
+    "r_mean": "RSUM/6",
 }
 
 
@@ -45,7 +50,9 @@ def load_runs(files: Sequence[Path]) -> list[dict]:
         try:
             payload = json.loads(f.read_text())
         except json.JSONDecodeError as e:
-            raise DataError(f"{f}: not valid JSON ({e.msg} at line {e.lineno}); the run may have been interrupted") from None
+            raise DataError(
+                f"{f}: not valid JSON ({e.msg} at line {e.lineno}); the run may have been interrupted"
+            ) from None
         if "rows" not in payload:
             raise DataError(f"{f}: no 'rows' key; is this a mat results.json?")
         payload["_path"] = str(f)
@@ -86,9 +93,16 @@ def build_table(
                         values.append(float(row[m]))
                 cells.append(_cell(values))
                 if values:
-                    records.append({"experiment": name, "attack": a, "metric": m, "n": len(values),
-                                    "mean": statistics.mean(values),
-                                    "std": statistics.stdev(values) if len(values) > 1 else 0.0})
+                    records.append(
+                        {
+                            "experiment": name,
+                            "attack": a,
+                            "metric": m,
+                            "n": len(values),
+                            "mean": statistics.mean(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        }
+                    )
         rows.append(cells)
     return header, rows, records
 
@@ -105,7 +119,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metrics", nargs="+", default=["tr_r1", "ir_r1"], help="columns per attack")
     parser.add_argument("--attacks", nargs="+", default=None, help="attacks to show, in order (default: all)")
     parser.add_argument("--out", default=None, help="folder for table.md and table.csv")
-    parser.add_argument("--wandb", action="store_true", help="also log the table to a W&B run (offline by default)")
+    parser.add_argument(
+        "--wandb", action="store_true", help="also log the table to a W&B run (offline by default)"
+    )
     args = parser.parse_args(argv)
     runs = load_runs(find_results(args.paths))
     header, rows, records = build_table(runs, args.metrics, args.attacks)
@@ -124,7 +140,11 @@ def main(argv: list[str]) -> None:
 
         import wandb
 
-        run = wandb.init(project="mat-lightning", job_type="report", mode=os.environ.get("WANDB_MODE", "offline"),
-                         dir=args.out or ".")
+        run = wandb.init(
+            project="mat-lightning",
+            job_type="report",
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            dir=args.out or ".",
+        )
         run.log({"report/table": wandb.Table(columns=header, data=rows)})
         run.finish()

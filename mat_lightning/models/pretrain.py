@@ -82,7 +82,9 @@ def pretrain_clip(
     warmup = max(1, int(cfg.warmup_fraction * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, warmup))
     encoder.train()
-    bar = tqdm(range(cfg.steps), desc="pretraining the synthetic world's CLIP", disable=not progress, leave=False)
+    bar = tqdm(
+        range(cfg.steps), desc="pretraining the synthetic world's CLIP", disable=not progress, leave=False
+    )
     for _ in bar:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
         batch = images[idx].float().div_(255)
@@ -107,7 +109,12 @@ def clean_recall(
     """Clean retrieval recall@K of ``encoder`` on uint8 images with their caption lists."""
     was_training = encoder.training
     encoder.eval()
-    img = torch.cat([encoder.encode_image(images[i : i + batch_size].float() / 255) for i in range(0, len(images), batch_size)])
+    img = torch.cat(
+        [
+            encoder.encode_image(images[i : i + batch_size].float() / 255)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
     flat = [c for caps in captions for c in caps]
     txt = torch.cat([encoder.encode_text(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)])
     txt2img = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])

@@ -1,0 +1,55 @@
+# mat-lightning — the front door. `make help` lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MAT := $(VENV)/bin/mat
+NAME ?= smoke
+ARGS ?=
+CFG = experiments/$(NAME).yaml
+# Tests never touch the network or a W&B account.
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
+
+.PHONY: help install test test-full lint experiment print-config eval table bench clean check-name
+
+help:  ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n",$$1,$$2}'
+
+install:  ## Create .venv and install the package, dev tools and the optional adapters
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e '.[dev,adapters]'
+	@# torchattacks pins requests~=2.25.1 in its metadata; at run time it needs only torch.
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
+	@echo "installed: activate with 'source $(VENV)/bin/activate' or use 'make ...'"
+
+test:  ## Fast offline test suite (excludes @slow)
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" -q
+
+test-full:  ## All tests, including the slow ones (full smoke runs)
+	$(TEST_ENV) $(PY) -m pytest -q
+
+lint:  ## ruff format check + lint
+	$(VENV)/bin/ruff format --check mat_lightning tests benchmarks
+	$(VENV)/bin/ruff check mat_lightning tests benchmarks
+
+check-name:
+	@test -f $(CFG) || { echo "error: no experiment '$(NAME)': $(CFG) does not exist. Known: $$(ls experiments/*.yaml | xargs -n1 basename | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
+
+experiment: check-name  ## Run experiments/NAME.yaml: make experiment NAME=smoke ARGS="--model.lr=1e-4"
+	$(MAT) fit --config $(CFG) --experiment=$(NAME) $(ARGS)
+
+print-config: check-name  ## Print the fully resolved config of NAME
+	$(MAT) fit --config $(CFG) --experiment=$(NAME) $(ARGS) --print_config
+
+eval: check-name  ## Robust evaluation of a checkpoint: make eval NAME=smoke CKPT=runs/.../last.ckpt
+	$(MAT) robust-eval --config $(CFG) --experiment=$(NAME)-eval $(if $(CKPT),--ckpt_path=$(CKPT)) $(ARGS)
+
+table:  ## Paper-style table of all runs under runs/ (or RUNS="dir ...")
+	$(MAT) report $(or $(RUNS),runs) --out $(or $(OUT),runs)
+
+bench:  ## Speed/memory benchmarks, reported as ratios measured side by side
+	$(PY) -m benchmarks.run
+
+clean:  ## Remove run outputs (keeps .venv and the synthetic-world cache)
+	rm -rf runs wandb lightning_logs .pytest_cache

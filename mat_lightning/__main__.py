@@ -1,0 +1,5 @@
+"""``python -m mat_lightning`` is the ``mat`` command."""
+
+from mat_lightning.cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""Shared fixtures: the tiny synthetic world and its tiny CLIP (built once, cached), offline settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Offline before anything imports transformers or wandb (the Makefile sets them too).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MAT_CACHE_DIR", str(REPO / ".cache" / "test-assets"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+FLICKR_TEST = SHARED_DATA / "flickr30k" / "flickr30k_test.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_world() -> Path:
+    """Annotation file of the 'tiny' synthetic world (384/32/32 images)."""
+    from mat_lightning import world
+
+    return world.ensure_world("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tiny_world) -> Path:
+    from mat_lightning import world
+
+    return world.ensure_clip("tiny")
+
+
+@pytest.fixture()
+def tiny_encoder(tiny_clip_path):
+    """A fresh copy of the pretrained tiny CLIP (tests may train it)."""
+    from mat_lightning.models.encoder import OpenClipEncoder
+
+    return OpenClipEncoder("mat-tiny", pretrained=str(tiny_clip_path))
+
+
+@pytest.fixture()
+def random_encoder():
+    from mat_lightning.models.encoder import OpenClipEncoder
+
+    torch.manual_seed(0)
+    return OpenClipEncoder("mat-tiny", pretrained=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_test_split(tiny_world):
+    """(uint8 images [32, 3, 64, 64], caption lists) of the tiny world's test split."""
+    from mat_lightning import world
+
+    return world.load_split("tiny", "test")
+
+
+@pytest.fixture(scope="session")
+def flickr_test_json() -> Path:
+    if not FLICKR_TEST.is_file():
+        pytest.skip(
+            f"real Flickr30K annotations not present at {FLICKR_TEST} (only in the project's shared folder)"
+        )
+    return FLICKR_TEST

@@ -1,0 +1,140 @@
+"""The `mat` CLI: every experiment parses, a tiny fit writes the run folder, bad input gives one clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mat_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+TINY = [
+    "--data.world=tiny",
+    "--model.encoder.init_args.pretrained=synthetic:tiny",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_parses(experiment, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(experiment), "--print_config"])
+    assert e.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["inference_mode"] is False
+    assert cfg["experiment"] == experiment.stem
+    assert cfg["model"]["encoder"]["class_path"].endswith("Encoder")
+    header = experiment.read_text().splitlines()[:12]
+    for field in ("Hypothesis:", "Command:", "Budget:", "Provenance:"):
+        assert any(field in line for line in header), f"{experiment.name} header lacks {field}"
+
+
+def run_dir_of(root: Path) -> Path:
+    dirs = [p for p in root.glob("*/*") if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path):
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "experiments" / "smoke.yaml"),
+            *TINY,
+            "--run_root",
+            str(tmp_path),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--robust_eval.attacks=[]",
+        ]
+    )
+    run = run_dir_of(tmp_path)
+    assert run.parent.name == "smoke"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["encoder"]["init_args"]["pretrained"] == "synthetic:tiny"
+    assert list((run / "checkpoints").glob("*.ckpt"))
+    results = json.loads((run / "results.json").read_text())
+    for key in ("experiment", "model", "dataset", "split", "n_images", "n_captions", "rows"):
+        assert key in results
+    assert results["n_images"] == 32 and results["n_captions"] == 160
+    assert results["rows"][0]["attack"] == "clean" and 0 <= results["rows"][0]["tr_r1"] <= 100
+    assert (run / "results.csv").read_text().startswith("attack,eps_255,tr_r1")
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_user_errors_exit_2_with_one_message(tmp_path, capsys):
+    cases = [
+        (["--data.dataset=flickr30k", f"--data.root={tmp_path / 'missing'}"], "data folder not found"),
+        (
+            [
+                "--data.dataset=custom",
+                f"--data.annotations={tmp_path / 'nope.json'}",
+                f"--data.root={tmp_path}",
+            ],
+            "annotation file not found",
+        ),
+        ([f"--model.encoder.init_args.pretrained={tmp_path / 'x.pt'}"], "no such checkpoint file"),
+    ]
+    (tmp_path / "bad.json").write_text("[{")
+    cases.append(
+        (
+            [
+                "--data.dataset=custom",
+                f"--data.annotations={tmp_path / 'bad.json'}",
+                f"--data.root={tmp_path}",
+            ],
+            "not valid JSON",
+        )
+    )
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["fit", *TINY, "--run_root", str(tmp_path / "runs"), *args])
+        assert e.value.code == 2, args
+        err = capsys.readouterr().err
+        assert message in err, (args, err)
+
+
+def test_real_command_prints_no_traceback(tmp_path):
+    env = {**os.environ, "MAT_CACHE_DIR": os.environ["MAT_CACHE_DIR"]}
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "ann.json").write_text(json.dumps([{"image": "img/a.jpg", "caption": ["a broken image"]}]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mat_lightning",
+            "test",
+            *TINY,
+            "--run_root",
+            str(tmp_path / "runs"),
+            "--data.dataset=custom",
+            f"--data.root={tmp_path}",
+            f"--data.annotations={tmp_path / 'ann.json'}",
+            "--data.preload=true",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "image cannot be decoded" in proc.stderr and "a.jpg" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_experiment_name_via_make():
+    proc = subprocess.run(
+        ["make", "-s", "experiment", "NAME=does-not-exist"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "no experiment 'does-not-exist'" in proc.stderr and "smoke" in proc.stderr

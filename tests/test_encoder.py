@@ -1,0 +1,68 @@
+"""OpenClipEncoder: pixels in [0,1] with normalisation inside, local checkpoints, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mat_lightning.errors import ConfigError
+from mat_lightning.models.encoder import OpenClipEncoder
+
+
+def test_normalisation_happens_inside(random_encoder):
+    x = torch.rand(3, 3, 64, 64)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ours = random_encoder.encode_image(x)
+        ref = torch.nn.functional.normalize(random_encoder.model.encode_image((x - mean) / std), dim=-1)
+    torch.testing.assert_close(ours, ref)
+    assert torch.allclose(ours.norm(dim=-1), torch.ones(3))
+    raw = random_encoder.encode_image(x, normalize=False)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(3))
+
+
+def test_text_tokenised_inside(random_encoder):
+    t = random_encoder.encode_text(["a red circle", "a blue square", "a red circle"])
+    assert t.shape == (3, 64)
+    torch.testing.assert_close(t[0], t[2])
+
+
+def test_local_checkpoint_roundtrip(tmp_path, random_encoder):
+    path = tmp_path / "clip.pt"
+    torch.save(random_encoder.model.state_dict(), path)
+    loaded = OpenClipEncoder("mat-tiny", pretrained=str(path))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(x), random_encoder.encode_image(x))
+        torch.testing.assert_close(loaded.encode_text(["a dot"]), random_encoder.encode_text(["a dot"]))
+
+
+def test_vision_checkpoint_loads_only_the_image_tower(tmp_path, random_encoder):
+    path = tmp_path / "vision.pt"
+    torch.save(random_encoder.model.visual.state_dict(), path)
+    torch.manual_seed(123)
+    other = OpenClipEncoder("mat-tiny", pretrained=None, vision_checkpoint=str(path))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(other.encode_image(x), random_encoder.encode_image(x))
+        assert not torch.allclose(other.encode_text(["a dot"]), random_encoder.encode_text(["a dot"]))
+
+
+def test_tower_parameters_partition_the_model(random_encoder):
+    vision = {id(p) for p in random_encoder.vision_parameters()}
+    text = {id(p) for p in random_encoder.text_parameters()}
+    everything = {id(p) for p in random_encoder.parameters()}
+    assert not vision & text
+    assert everything - vision - text == {id(random_encoder.model.logit_scale)}
+
+
+def test_clear_errors(tmp_path, random_encoder):
+    with pytest.raises(ConfigError, match="no such checkpoint file"):
+        OpenClipEncoder("mat-tiny", pretrained=str(tmp_path / "missing.pt"))
+    with pytest.raises(ConfigError, match="not an open_clip architecture"):
+        OpenClipEncoder("ViT-Nope", pretrained=None)
+    with pytest.raises(ConfigError, match="Offline\\?"):
+        OpenClipEncoder("mat-tiny", pretrained="openai")  # no such tag for the tiny config; never downloads
+    with pytest.raises(ValueError, match="expects 64x64 images"):
+        random_encoder.encode_image(torch.rand(1, 3, 32, 32))
