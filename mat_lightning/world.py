@@ -46,7 +46,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # The embedded default: smoke runs and the synthetic benchmark.
     "default": Preset(
-        WorldConfig(), PretrainConfig(), notes="3000/200/200 images, 64 px, tiny CLIP 700 steps"
+        WorldConfig(),
+        PretrainConfig(),
+        notes="3000/200/200 images of 2-4 objects, 64 px, tiny CLIP 700 steps",
     ),
     # Tests: small enough to build in seconds, good enough that attacks visibly lower recall.
     "tiny": Preset(
@@ -145,7 +147,8 @@ def ensure_clip(name: str = "default") -> Path:
                 p.clip.steps,
                 path,
             )
-            pretrain_clip(encoder, images, captions, p.clip)
+            with torch.inference_mode(False), torch.enable_grad():  # may be first needed inside an eval loop
+                pretrain_clip(encoder, images, captions, p.clip)
             seconds = time.time() - t0
             test_images, test_captions = load_split(name, "test")
             metrics = clean_recall(encoder, test_images, test_captions)
@@ -166,4 +169,36 @@ def ensure_clip(name: str = "default") -> Path:
             }
             path.with_suffix(".json").write_text(json.dumps(info, indent=2))
             os.replace(tmp, path)
+    return path
+
+
+def mlm_dir(name: str = "default") -> Path:
+    p = preset(name)
+    return cache_dir() / f"mlm-{_digest(p.world, p.mlm_steps)}"
+
+
+def ensure_mlm(name: str = "default") -> Path:
+    """Folder of the world's tiny masked LM (``save_pretrained`` layout), training it on first use."""
+    path = mlm_dir(name)
+    if (path / "config.json").is_file():
+        return path
+    with _locked(path.name):
+        if not (path / "config.json").is_file():
+            import shutil
+
+            from mat_lightning.models.mlm import train_tiny_mlm
+
+            _, captions = load_split(name, "train")
+            tmp = path.with_name(path.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            t0 = time.time()
+            log.info(
+                "training the synthetic world's masked LM (%d steps); cached at %s",
+                preset(name).mlm_steps,
+                path,
+            )
+            with torch.inference_mode(False), torch.enable_grad():  # first use is often inside an attack
+                train_tiny_mlm([c for caps in captions for c in caps], tmp, steps=preset(name).mlm_steps)
+            tmp.rename(path)
+            log.info("masked LM ready in %.0fs", time.time() - t0)
     return path

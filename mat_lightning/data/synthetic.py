@@ -6,7 +6,7 @@ simulation for trying the method, **not** a benchmark about Flickr30K or COCO.
 
 What it models:
 
-* **scenes** of 1-3 objects (shape x colour x size x position) on a plain background;
+* **scenes** of 2-4 objects (shape x colour x size x position) on a plain background (configurable);
 * a **renderer** to PNG (default 64x64);
 * a **caption grammar** with a thesaurus ("a red circle left of a small blue square", "a small azure box to the
   right of a crimson disc"), so five ground-truth captions per image differ in words, order and detail, as human
@@ -78,7 +78,7 @@ RELATION_WORDS: dict[str, list[str]] = {
     "below": ["below", "under", "beneath"],
 }
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 RADIUS_FRACTION = {"small": 0.11, "large": 0.19}  # of the image side
 
@@ -157,9 +157,9 @@ def _place(rng: random.Random, sizes: list[str], tries: int = 200) -> list[tuple
     return centres
 
 
-def sample_scene(rng: random.Random, max_objects: int = 3) -> Scene:
-    """A random scene of 1..max_objects objects with distinct (shape, colour) pairs."""
-    n = rng.randint(1, max_objects)
+def sample_scene(rng: random.Random, max_objects: int = 3, min_objects: int = 1) -> Scene:
+    """A random scene of min_objects..max_objects objects with distinct (shape, colour) pairs."""
+    n = rng.randint(min_objects, max_objects)
     kinds: list[tuple[str, str]] = []
     while len(kinds) < n:
         kind = (rng.choice(list(SHAPE_WORDS)), rng.choice(list(COLOURS)))
@@ -303,8 +303,8 @@ def describe(scene: Scene, rng: random.Random) -> str:
         text = _join([_noun_phrase(o, rng) for o in objs]) + " " + _background_phrase(scene, rng)
     else:
         text = f"{_noun_phrase(a, rng)} {rel} {_noun_phrase(b, rng)}"
-    if len(objs) == 3 and template in (0, 3):
-        text += f" {rng.choice(['with', 'and'])} {_noun_phrase(objs[2], rng)}"
+    if len(objs) >= 3 and template in (0, 3):
+        text += f" {rng.choice(['with', 'and'])} " + _join([_noun_phrase(o, rng) for o in objs[2:]])
     return text
 
 
@@ -338,7 +338,7 @@ class WorldConfig:
         seed: master seed; the same config always writes the same files.
         n_train, n_val, n_test: images per Karpathy split.
         image_size: rendered side in pixels.
-        max_objects: objects per scene are drawn from 1..max_objects.
+        min_objects, max_objects: objects per scene are drawn from min_objects..max_objects.
         captions_per_image: ground-truth captions per image (5, as Flickr30K).
     """
 
@@ -347,7 +347,8 @@ class WorldConfig:
     n_val: int = 200
     n_test: int = 200
     image_size: int = 64
-    max_objects: int = 3
+    max_objects: int = 4
+    min_objects: int = 2
     captions_per_image: int = 5
 
     def digest(self) -> str:
@@ -390,7 +391,7 @@ def write_world(cfg: WorldConfig, root: str | Path) -> Path:
     sentid = 0
     splits = ["train"] * cfg.n_train + ["val"] * cfg.n_val + ["test"] * cfg.n_test
     for imgid, split in enumerate(splits):
-        scene = sample_scene(rng, cfg.max_objects)
+        scene = sample_scene(rng, cfg.max_objects, cfg.min_objects)
         filename = f"{imgid:06d}.png"
         render(scene, cfg.image_size, rng).save(tmp / "images" / filename)
         sentences = []

@@ -1,0 +1,176 @@
+"""Projected gradient descent on images, with a pluggable objective (torchattacks issue #86 asks for exactly this).
+
+Follows torchattacks' ``PGD`` (random start ``U(-ε, ε)`` clamped to [0, 1], ``x += α·sign(∇)``, projection to the
+ε-ball then to [0, 1], last iterate returned) and adds what the VL robustness papers use:
+
+* ``norm="l2"`` (step along the L2-normalised gradient, projection onto the L2 ball);
+* ``momentum`` on the normalised gradient, as RobustVLM's ``pgd_train.py`` (FARE/TeCoA training);
+* objectives by name (:mod:`~mat_lightning.attacks.objectives`), or any callable when attacks are composed;
+* ``views``: a function giving extra differentiable views of the adversarial image (SGA's rescaled copies); the
+  objective is summed over the image and its views.
+
+Defaults are the VLP attack papers' evaluation setting: L∞, ε = 2/255, 10 steps of 0.5/255 (SGA).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mat_lightning.attacks.base import Attack, AttackResult
+from mat_lightning.attacks.objectives import IMAGE_OBJECTIVES, UNNORMALISED, Guidance, ImageObjective
+from mat_lightning.errors import ConfigError
+from mat_lightning.models.encoder import VLEncoder
+
+Views = Callable[[Tensor, torch.Generator | None], list[Tensor]]
+
+
+class PGD(Attack):
+    """Image PGD.
+
+    Args:
+        eps_255: budget in 1/255 of the pixel range (L∞: per pixel; L2: radius of the whole image's perturbation).
+        steps: iterations.
+        step_255: step size in 1/255 units.
+        norm: ``linf`` or ``l2``.
+        random_start: start from a uniform point of the ε-ball (L∞) / a random point of the L2 ball.
+        momentum: RobustVLM-style momentum on normalised gradients (0 = plain PGD).
+        objective: what is maximised: ``contrastive``, ``caption_cosine``, ``embedding_kl``, ``embedding_l2``,
+            ``cross_entropy``.
+        seed: seed of the random start.
+    """
+
+    name = "pgd"
+    modality = "image"
+
+    def __init__(
+        self,
+        eps_255: float = 2.0,
+        steps: int = 10,
+        step_255: float = 0.5,
+        norm: Literal["linf", "l2"] = "linf",
+        random_start: bool = True,
+        momentum: float = 0.0,
+        objective: str = "contrastive",
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__(seed)
+        if objective not in IMAGE_OBJECTIVES:
+            raise ConfigError(f"PGD objective={objective!r}; choose one of {sorted(IMAGE_OBJECTIVES)}")
+        if norm not in ("linf", "l2"):
+            raise ConfigError(f"PGD norm={norm!r}; choose linf or l2")
+        if eps_255 < 0 or steps < 0 or step_255 < 0:
+            raise ConfigError(
+                f"PGD budgets must be >= 0 (eps_255={eps_255}, steps={steps}, step_255={step_255})"
+            )
+        self._eps_255, self.steps, self.step_255 = float(eps_255), steps, float(step_255)
+        self.norm, self.random_start, self.momentum, self.objective = norm, random_start, momentum, objective
+
+    @property
+    def eps_255(self) -> float:
+        return self._eps_255
+
+    def with_eps(self, eps_255: float) -> PGD:
+        other = copy.copy(self)
+        other._generator = None
+        other._eps_255 = float(eps_255)
+        if self._eps_255 > 0:  # keep the steps covering the same share of the ball
+            other.step_255 = self.step_255 * eps_255 / self._eps_255
+        return other
+
+    # -- the attack ---------------------------------------------------------------------------------------------------
+
+    def forward(
+        self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor
+    ) -> AttackResult:
+        guidance = self.guidance(encoder, images, captions, txt2img)
+        adv = self.perturb(
+            encoder, images, IMAGE_OBJECTIVES[self.objective], guidance, self.objective not in UNNORMALISED
+        )
+        return AttackResult(adv, captions)
+
+    @torch.no_grad()
+    def guidance(self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor) -> Guidance:
+        """What the configured objective needs, from the clean inputs."""
+        g = Guidance(txt2img=txt2img, logit_scale=encoder.logit_scale.detach())
+        if self.objective in ("contrastive", "caption_cosine", "cross_entropy"):
+            g.text_emb = encoder.encode_text(captions)
+        if self.objective == "embedding_kl":
+            g.clean_emb = encoder.encode_image(images)
+        if self.objective == "embedding_l2":
+            g.reference_emb = encoder.encode_image(images, normalize=False)
+        if self.objective == "cross_entropy":  # classes = the batch's images, each the mean of its captions
+            proto = torch.zeros(images.shape[0], g.text_emb.shape[1], device=images.device).index_add(
+                0, txt2img, g.text_emb
+            )
+            g.class_emb, g.labels = (
+                F.normalize(proto, dim=-1),
+                torch.arange(images.shape[0], device=images.device),
+            )
+        return g
+
+    def perturb(
+        self,
+        encoder: VLEncoder,
+        images: Tensor,
+        objective: ImageObjective,
+        guidance: Guidance,
+        normalize: bool = True,
+        views: Views | None = None,
+    ) -> Tensor:
+        """The PGD loop: maximise ``objective(encode(x_adv), guidance)`` (summed over ``views``) in the budget.
+
+        Args:
+            images: float[B, 3, H, W] in [0, 1], the clean images (the centre of the ball).
+            normalize: whether the objective reads L2-normalised embeddings.
+            views: optional extra views of the adversarial image, each encoded and added to the objective.
+
+        Returns:
+            float[B, 3, H, W] in [0, 1] with ``‖x_adv - images‖ <= eps``.
+        """
+        eps, alpha = self.eps_255 / 255.0, self.step_255 / 255.0
+        gen = self.generator(images.device)
+        x0 = images.detach()
+        adv = x0.clone()
+        if self.random_start and eps > 0:
+            if self.norm == "linf":
+                adv = adv + torch.empty_like(adv).uniform_(-eps, eps, generator=gen)
+            else:
+                direction = torch.randn(adv.shape, generator=gen, device=adv.device, dtype=adv.dtype)
+                radius = torch.rand(adv.shape[0], 1, 1, 1, generator=gen, device=adv.device, dtype=adv.dtype)
+                adv = adv + eps * radius * direction / _l2(direction)
+            adv = adv.clamp(0, 1)
+        velocity = torch.zeros_like(adv)
+        for _ in range(self.steps):
+            adv.requires_grad_(True)
+            inputs = [adv] + (views(adv, gen) if views is not None else [])
+            loss = sum(objective(encoder.encode_image(v, normalize=normalize), guidance) for v in inputs)
+            (grad,) = torch.autograd.grad(loss, adv)
+            grad = torch.nan_to_num(grad)
+            adv = adv.detach()
+            if self.momentum > 0:
+                normed = (
+                    grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+                    if self.norm == "linf"
+                    else grad / _l2(grad)
+                )
+                velocity = self.momentum * velocity + normed
+                grad = velocity
+            step = grad.sign() if self.norm == "linf" else grad / _l2(grad)
+            adv = adv + alpha * step
+            delta = adv - x0
+            delta = (
+                delta.clamp(-eps, eps) if self.norm == "linf" else delta * (eps / _l2(delta)).clamp(max=1.0)
+            )
+            adv = (x0 + delta).clamp(0, 1)
+        return adv.detach()
+
+
+def _l2(x: Tensor) -> Tensor:
+    """Per-sample L2 norm, shaped to broadcast over [B, C, H, W]."""
+    return x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)

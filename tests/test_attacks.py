@@ -1,0 +1,298 @@
+"""The attack contract over every registered attack, and each attack's specific behaviour."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import mat_lightning.attacks as A
+from mat_lightning.attacks.bert_attack import BertAttack
+from mat_lightning.errors import ConfigError
+from mat_lightning.eval.retrieval import recall_at_k
+
+TINY_MLM = "synthetic:tiny"
+
+
+def make(name: str, **kw):
+    """A small-budget instance of each registered attack, wired to the tiny world's MLM."""
+    bert = lambda: BertAttack(mlm=TINY_MLM, top_k=5)  # noqa: E731
+    return {
+        "PGD": lambda: A.PGD(eps_255=2, steps=5, step_255=0.5, **kw),
+        "BertAttack": lambda: BertAttack(mlm=TINY_MLM, top_k=5, **kw),
+        "SepAttack": lambda: A.SepAttack(A.PGD(eps_255=2, steps=5, step_255=0.5), bert(), **kw),
+        "CoAttack": lambda: A.CoAttack(A.PGD(eps_255=2, steps=5, step_255=0.5), bert(), **kw),
+        "SGA": lambda: A.SGA(A.PGD(eps_255=2, steps=5, step_255=0.5), bert(), **kw),
+        "TorchattacksAttack": lambda: A.TorchattacksAttack("PGD", 2, {"alpha_255": 0.5, "steps": 5}, **kw),
+        "TextAttackWordSwap": lambda: A.TextAttackWordSwap("WordSwapNeighboringCharacterSwap", top_k=5, **kw),
+    }[name]()
+
+
+CONCRETE = [n for n in A.__all__ if n not in ("Attack", "AttackResult", "TextAttackCandidates")]
+
+
+@pytest.fixture(scope="module")
+def data(tiny_test_split):
+    images, caps = tiny_test_split
+    x = images[:16].float() / 255
+    captions = [c for cs in caps[:16] for c in cs]
+    txt2img = torch.tensor([i for i, cs in enumerate(caps[:16]) for _ in cs])
+    return x, captions, txt2img
+
+
+def recall(encoder, images, captions, txt2img):
+    with torch.no_grad():
+        return recall_at_k(encoder.encode_image(images) @ encoder.encode_text(captions).T, txt2img)
+
+
+@pytest.mark.parametrize("name", CONCRETE)
+def test_contract(name, tiny_encoder, data):
+    x, captions, txt2img = data
+    attack = make(name)
+    # state the attack must leave as it found it: train mode, a frozen parameter, an existing .grad
+    tiny_encoder.train()
+    frozen = next(tiny_encoder.text_parameters())
+    frozen.requires_grad_(False)
+    probe = next(tiny_encoder.vision_parameters())
+    probe.grad = torch.full_like(probe, 0.5)
+    flags = [p.requires_grad for p in tiny_encoder.parameters()]
+    x_before = x.clone()
+
+    out = attack(tiny_encoder, x, captions, txt2img)
+
+    assert tiny_encoder.training
+    assert [p.requires_grad for p in tiny_encoder.parameters()] == flags
+    assert torch.equal(probe.grad, torch.full_like(probe, 0.5))
+    assert all(p.grad is None for p in tiny_encoder.parameters() if p is not probe)
+    assert torch.equal(x, x_before)  # inputs untouched
+    assert out.images.shape == x.shape and len(out.captions) == len(captions)
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    eps = attack.eps_255
+    if eps is not None:
+        assert (out.images - x).abs().max() <= eps / 255 + 1e-6
+    else:
+        assert torch.equal(out.images, x)
+    max_words = getattr(getattr(attack, "text_attack", attack), "max_words", None)
+    for before, after in zip(captions, out.captions, strict=True):
+        changed = sum(a != b for a, b in zip(before.split(" "), after.split(" "), strict=True))
+        if attack.modality == "image":
+            assert before == after
+        else:
+            assert changed <= max_words
+    # same seed, same output; the clean recall drops
+    again = make(name)(tiny_encoder, x, captions, txt2img)
+    assert torch.equal(again.images, out.images) and again.captions == out.captions
+    clean, adv = (
+        recall(tiny_encoder, x, captions, txt2img),
+        recall(tiny_encoder, out.images, out.captions, txt2img),
+    )
+    assert adv["r_mean"] < clean["r_mean"], (clean, adv)
+
+
+def test_multimodal_at_least_as_strong_as_its_unimodal_parts(tiny_encoder, data):
+    """Each multimodal attack vs. its own image and text parts run alone with the same budgets and objectives."""
+    x, captions, txt2img = data
+
+    def r_mean(attack):
+        out = attack(tiny_encoder, x, captions, txt2img)
+        return recall(tiny_encoder, out.images, out.captions, txt2img)["r_mean"]
+
+    pgd = lambda objective: A.PGD(eps_255=2, steps=5, step_255=0.5, objective=objective)  # noqa: E731
+    bert = lambda objective: BertAttack(mlm=TINY_MLM, top_k=5, objective=objective)  # noqa: E731
+    cases = {
+        "sep_attack": (
+            A.SepAttack(pgd("contrastive"), bert("image_cosine")),
+            pgd("contrastive"),
+            bert("image_cosine"),
+        ),
+        "co_attack": (
+            A.CoAttack(pgd("contrastive"), bert("image_cosine")),
+            pgd("embedding_kl"),
+            bert("embedding_kl"),
+        ),
+        "sga": (A.SGA(pgd("contrastive"), bert("image_cosine")), pgd("caption_cosine"), bert("image_cosine")),
+    }
+    for name, (multimodal, image_part, text_part) in cases.items():
+        both, image_only, text_only = r_mean(multimodal), r_mean(image_part), r_mean(text_part)
+        assert both <= min(image_only, text_only) + 1e-6, (name, both, image_only, text_only)
+
+
+def test_pgd_cross_entropy_equals_torchattacks(tiny_encoder, data):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, captions, txt2img = data
+    ours = A.PGD(eps_255=4, steps=7, step_255=1, objective="cross_entropy", seed=11)
+    g = ours.guidance(tiny_encoder.eval(), x, captions, txt2img)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = tiny_encoder
+
+        def forward(self, images):
+            return g.logit_scale * self.encoder.encode_image(images) @ g.class_emb.T
+
+    torch.manual_seed(11)  # torchattacks draws its random start from the global generator
+    theirs = torchattacks.PGD(Classifier(), eps=4 / 255, alpha=1 / 255, steps=7, random_start=True)(
+        x, g.labels
+    )
+    mine = ours(tiny_encoder, x, captions, txt2img).images
+    torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=0)
+
+
+def test_pgd_l2_and_grid(tiny_encoder, data):
+    x, captions, txt2img = data
+    l2 = A.PGD(eps_255=30, steps=4, step_255=10, norm="l2")
+    out = l2(tiny_encoder, x, captions, txt2img).images
+    assert ((out - x).flatten(1).norm(dim=1) <= 30 / 255 + 1e-5).all()
+    wide = A.PGD(eps_255=2, step_255=0.5).with_eps(8)
+    assert wide.eps_255 == 8 and wide.step_255 == 2.0
+    with pytest.raises(ConfigError, match="objective='nope'"):
+        A.PGD(objective="nope")
+
+
+def test_eps_grid_of_multimodal_attacks_changes_only_the_image_budget():
+    sga = A.SGA(A.PGD(eps_255=2), BertAttack(mlm=TINY_MLM))
+    wide = sga.with_eps(4)
+    assert wide.eps_255 == 4 and sga.eps_255 == 2 and wide.text_attack.mlm == TINY_MLM
+    assert BertAttack(mlm=TINY_MLM).with_eps(8).eps_255 is None
+
+
+# -- BERT-Attack specifics ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def position_mlm(tmp_path_factory):
+    """A hand-built MLM: at every position it predicts 'x<token at that position>' first, then the token itself.
+
+    So the substitute proposed for a word tells which position it was read from.
+    """
+    from transformers import BertTokenizerFast
+
+    words = ["alpha", "bravo", "charlie", "delta"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *(f"x{w}" for w in words), "xcls", "xsep"]
+    folder = tmp_path_factory.mktemp("position_mlm")
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    target = torch.arange(len(vocab))
+    for w in words:
+        target[tok.convert_tokens_to_ids(w)] = tok.convert_tokens_to_ids(f"x{w}")
+    target[tok.cls_token_id] = tok.convert_tokens_to_ids("xcls")
+    target[tok.sep_token_id] = tok.convert_tokens_to_ids("xsep")
+
+    class PositionMLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None):
+            logits = torch.zeros(*input_ids.shape, len(vocab))
+            logits.scatter_(2, target[input_ids].unsqueeze(-1), 10.0)
+            logits.scatter_(2, input_ids.unsqueeze(-1), 5.0)
+            return types.SimpleNamespace(logits=logits)
+
+    return PositionMLM(), tok
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_candidates_come_from_the_word_position(position_mlm, tiny_encoder, legacy):
+    model, tok = position_mlm
+    attack = BertAttack.from_mlm(
+        model, tok, top_k=2, max_words=1, objective="embedding_kl", legacy_offset=legacy, stop_words=[]
+    )
+    caption = "alpha bravo charlie delta"
+    words = caption.split()
+    (adv,) = attack.perturb(tiny_encoder, [caption], torch.tensor([0]), "embedding_kl")
+    changed = [(j, a) for j, (w, a) in enumerate(zip(words, adv.split(), strict=True)) if w != a]
+    assert len(changed) == 1
+    j, substitute = changed[0]
+    if not legacy:
+        assert substitute == f"x{words[j]}"  # read at the word's own position ([CLS] shift applied)
+    else:  # Co-Attack/SGA off-by-one: read at the previous token, [CLS] for the first word
+        assert substitute == ("xcls" if j == 0 else f"x{words[j - 1]}")
+
+
+def test_candidates_skip_stop_words_subwords_and_the_word_itself(position_mlm, tiny_encoder):
+    model, tok = position_mlm
+    attack = BertAttack.from_mlm(model, tok, top_k=2, max_words=4, stop_words=["charlie", "xbravo"])
+    (adv,) = attack.perturb(tiny_encoder, ["alpha bravo charlie delta"], torch.tensor([0]), "embedding_kl")
+    adv_words = adv.split()
+    assert adv_words[2] == "charlie"  # a stop word is never replaced
+    assert adv_words[1] == "bravo"  # its only candidate is a stop word; the word itself is never a candidate
+    assert all("##" not in w and "[" not in w for w in adv_words)
+
+
+@pytest.fixture(scope="module")
+def flickr_mlm(flickr_test_json, tmp_path_factory):
+    """A tiny MLM with a WordPiece vocabulary from real Flickr30K captions (multi-sub-word words occur)."""
+    from mat_lightning.data.formats import read_annotations
+    from mat_lightning.models.mlm import train_tiny_mlm
+
+    captions = [c for r in read_annotations(flickr_test_json, "/") for c in r.captions]
+    return train_tiny_mlm(
+        captions, tmp_path_factory.mktemp("flickr_mlm"), steps=20, batch_size=32, progress=False
+    ), captions
+
+
+def test_bert_attack_on_real_captions(flickr_mlm, tiny_encoder):
+    folder, captions = flickr_mlm
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    sample = captions[:200]
+    assert any(len(tok.tokenize(w)) > 1 for c in sample for w in c.split())  # the BPE path is exercised
+    attack = BertAttack(mlm=str(folder), top_k=10, max_words=2, objective="embedding_kl")
+    adv = attack.perturb(tiny_encoder, sample, torch.arange(len(sample)), "embedding_kl")
+    n_changed = []
+    for before, after in zip(sample, adv, strict=True):
+        b, a = before.split(" "), after.split(" ")
+        assert len(a) == len(b)
+        diff = [(x, y) for x, y in zip(b, a, strict=True) if x != y]
+        assert len(diff) <= 2
+        for old, new in diff:
+            assert (
+                old.lower() not in attack.stop_words
+                and new
+                and "##" not in new
+                and new.lower() != old.lower()
+            )
+        n_changed.append(len(diff))
+    assert sum(n_changed) > len(sample) // 2  # most captions get attacked
+
+
+def test_missing_mlm_is_a_clear_error(tiny_encoder, tmp_path):
+    attack = BertAttack(mlm=str(tmp_path / "no-such-model"))
+    with pytest.raises(ConfigError, match="could not load the masked LM"):
+        attack(tiny_encoder, torch.rand(1, 3, 64, 64), ["a red circle"], torch.tensor([0]))
+
+
+# -- adapters -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["FGSM", "MIFGSM", "APGD"])
+def test_torchattacks_adapter_runs_any_attack(name, tiny_encoder, data):
+    pytest.importorskip("torchattacks")
+    x, captions, txt2img = data
+    kwargs = {"steps": 3} if name != "FGSM" else {}
+    out = A.TorchattacksAttack(name, eps_255=2, kwargs=kwargs)(tiny_encoder, x, captions, txt2img)
+    assert (out.images - x).abs().max() <= 2 / 255 + 1e-6
+    assert (
+        recall(tiny_encoder, out.images, captions, txt2img)["r_mean"]
+        < recall(tiny_encoder, x, captions, txt2img)["r_mean"]
+    )
+
+
+def test_adapters_explain_a_missing_package(monkeypatch, tiny_encoder, data):
+    import sys
+
+    x, captions, txt2img = data
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    with pytest.raises(ConfigError, match="needs `torchattacks`"):
+        A.TorchattacksAttack("PGD")(tiny_encoder, x, captions, txt2img)
+
+
+def test_textattack_transformation_as_candidate_generator():
+    gen = A.TextAttackCandidates("WordSwapQWERTY")
+    cands = gen.candidates(["a", "crimson", "disc"], 1, 5)
+    assert 0 < len(cands) <= 5
+    assert all(c != "crimson" and len(c) == len("crimson") for c in cands)
