@@ -2,9 +2,9 @@
 
 * ``mat fit --config experiments/smoke.yaml [--model.lr=1e-4 ...]``: train, then test the best checkpoint with the
   robust evaluation callback (``robust_eval:`` in the config).
-* ``mat robust-eval --config <experiment.yaml> [--ckpt_path <file>]``: the robust evaluation alone, on any
-  checkpoint (or on the configured encoder's starting weights without ``--ckpt_path``). It is ``mat test`` under a
-  name that says what it is for.
+* ``mat robust-eval --config <experiment.yaml> [--ckpt_path <file>] [--export DIR]``: the robust evaluation alone,
+  on any checkpoint (or on the configured encoder's starting weights without ``--ckpt_path``), optionally writing the
+  adversarial test set to ``DIR``. It is ``mat test`` under a name that says what it is for.
 * ``mat data check --data.dataset=flickr30k --data.root=<dir>``: read every split, decode every image, report.
 * ``mat report <run dirs or results.json...>``: a paper-style table across runs.
 
@@ -110,7 +110,8 @@ class MatCLI(LightningCLI):
             rank_zero_warn(
                 "no best checkpoint recorded (no ModelCheckpoint monitoring val?): testing the last weights"
             )
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        # verbose=False: RobustRetrievalEval prints a compact table instead of one line per logged scalar
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
 
 
 def new_run_dir(parent: Path) -> str:
@@ -121,6 +122,29 @@ def new_run_dir(parent: Path) -> str:
         candidate, n = parent / f"{stamp}-{n}", n + 1
     candidate.mkdir(parents=True)
     return str(candidate)
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run of this command, so the next run in the same process gets its own (template #289)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def _export_alias(args: list[str]) -> list[str]:
+    """``--export DIR`` (robust-eval's short form) -> ``--robust_eval.export_dir=DIR``."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == "--export" and i + 1 < len(args):
+            out.append(f"--robust_eval.export_dir={args[i + 1]}")
+            i += 2
+            continue
+        if args[i].startswith("--export="):
+            out.append("--robust_eval.export_dir=" + args[i].split("=", 1)[1])
+        else:
+            out.append(args[i])
+        i += 1
+    return out
 
 
 def _print_error(e: BaseException) -> None:
@@ -159,12 +183,15 @@ def main(argv: list[str] | None = None) -> None:
             report(argv[1:])
             return
         if argv[:1] == ["robust-eval"]:
-            argv[0] = "test"
-        if from_command_line:
-            sys.argv[1:] = argv  # DDP re-executes sys.argv in each process; keep it what we run
-            MatCLI()
-        else:
-            MatCLI(args=argv)
+            argv = ["test", *_export_alias(argv[1:])]
+        try:
+            if from_command_line:
+                sys.argv[1:] = argv  # DDP re-executes sys.argv in each process; keep it what we run
+                MatCLI()
+            else:
+                MatCLI(args=argv)
+        finally:
+            _finish_wandb()
     except MatError as e:
         _print_error(e)
         sys.exit(2)

@@ -151,6 +151,10 @@ class BertAttack(Attack):
         attack._mlm = (model.eval(), tokenizer)
         return attack
 
+    def prepare(self, device: torch.device | str) -> None:
+        if self.candidate_generator is None:
+            self.mlm_and_tokenizer(torch.device(device))
+
     def mlm_and_tokenizer(self, device: torch.device) -> tuple[Any, Any]:
         if self._mlm is None:
             self._mlm = load_mlm(self.mlm)
@@ -333,7 +337,7 @@ class BertAttack(Attack):
         """Importance of every attackable word with candidates: KL of the embedding when it becomes ``[UNK]``."""
         variants, where = [], []
         for t, st in enumerate(states):
-            for j, w in enumerate(st.words):
+            for j in range(len(st.words)):
                 if st.candidates[j]:
                     variants.append(" ".join(st.words[:j] + [self.unk_token] + st.words[j + 1 :]))
                     where.append((t, j))

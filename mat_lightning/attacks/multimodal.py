@@ -49,6 +49,10 @@ class _Composed(Attack):
     def eps_255(self) -> float:
         return self.image_attack.eps_255
 
+    def prepare(self, device: torch.device | str) -> None:
+        self.image_attack.prepare(device)
+        self.text_attack.prepare(device)
+
     def with_eps(self, eps_255: float) -> Attack:
         other = self.clone()
         other.image_attack = self.image_attack.with_eps(eps_255)

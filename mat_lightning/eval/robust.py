@@ -207,6 +207,32 @@ class RobustRetrievalEval(L.Callback):
 
         log_robust_rows(trainer, "test", self.rows, self.ks)
         self._write(trainer, pl_module)
+        if self.progress:
+            self._print()
+
+    @rank_zero_only
+    def _print(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"robust retrieval — {self.experiment}")
+        cols = [
+            "attack",
+            "eps_255",
+            *[f"{d}_r{k}" for d in ("tr", "ir") for k in self.ks],
+            "asr_flip_tr_r1",
+            "asr_flip_ir_r1",
+            "seconds",
+        ]
+        for c in cols:
+            table.add_column(c, justify="left" if c == "attack" else "right")
+        for row in self.rows:
+            cells = []
+            for c in cols:
+                v = row.get(c)
+                cells.append("–" if v is None else v if isinstance(v, str) else f"{v:.1f}")
+            table.add_row(*cells)
+        Console(stderr=True).print(table)
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,0 +1,142 @@
+"""RobustRetrievalEval: rows and keys, the inference-mode guard, export, and `mat robust-eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mat_lightning.attacks import PGD, BertAttack
+from mat_lightning.cli import main
+from mat_lightning.data.datamodule import RetrievalDataModule
+from mat_lightning.errors import ConfigError
+from mat_lightning.eval.retrieval import recall_at_k
+from mat_lightning.eval.robust import RobustRetrievalEval, robust_retrieval
+from mat_lightning.module import MatModule
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def loader(n=16, batch=6):
+    dm = RetrievalDataModule(world="tiny", image_size=64, eval_batch_size=batch, max_eval_images=n)
+    dm.setup("test")
+    return dm.test_dataloader(), dm.eval_set("test")
+
+
+def test_rows_match_a_direct_computation(tiny_encoder):
+    dl, eval_set = loader()
+    attack = PGD(eps_255=2, steps=3, step_255=1)
+    rows = robust_retrieval(tiny_encoder, dl, [attack], progress=False)
+    assert [r["attack"] for r in rows] == ["clean", "pgd"]
+    # Reference: attack each batch with a fresh, identically seeded attack, then brute recall on the whole split.
+    ref_attack = PGD(eps_255=2, steps=3, step_255=1)
+    adv = torch.cat([ref_attack(tiny_encoder, b.images, b.captions, b.txt2img).images for b in dl])
+    with torch.no_grad():
+        sim = tiny_encoder.encode_image(adv) @ tiny_encoder.encode_text(eval_set.captions).T
+    expected = recall_at_k(sim, eval_set.txt2img)
+    for k, v in expected.items():
+        assert rows[1][k] == pytest.approx(v)
+    for key in ("asr_drop_tr_r1", "asr_flip_ir_r10", "asr_drop_r_mean", "seconds"):
+        assert key in rows[1]
+    assert rows[1]["asr_drop_tr_r1"] == pytest.approx(rows[0]["tr_r1"] - rows[1]["tr_r1"])
+
+
+def test_eps_grid_and_text_attacks(tiny_encoder):
+    dl, _ = loader(n=8, batch=8)
+    rows = robust_retrieval(
+        tiny_encoder, dl, [PGD(steps=2), BertAttack(mlm="synthetic:tiny", top_k=3)], [1, 4], progress=False
+    )
+    assert [(r["attack"], r["eps_255"]) for r in rows] == [
+        ("clean", 0.0),
+        ("pgd", 1.0),
+        ("pgd", 4.0),
+        ("bert_attack", None),
+    ]
+    assert rows[2]["r_mean"] <= rows[1]["r_mean"] + 1e-9  # a larger budget never helps the model here
+
+
+def test_export_writes_a_reusable_adversarial_set(tiny_encoder, tmp_path):
+    dl, eval_set = loader(n=6, batch=4)
+    robust_retrieval(tiny_encoder, dl, [PGD(eps_255=2, steps=2)], progress=False, export_dir=tmp_path)
+    folder = tmp_path / "pgd_eps2"
+    entries = json.loads((folder / "captions.json").read_text())
+    assert len(entries) == 6 and entries[0]["caption"] == eval_set.records[0].captions
+    x = torch.load(folder / "images" / "000000.pt")
+    assert x.shape == (3, 64, 64) and (folder / entries[0]["image"]).is_file()
+    clean = eval_set[0][0].float() / 255
+    assert (x - clean).abs().max() <= 2 / 255 + 1e-6
+
+
+def test_guard_against_inference_mode(tiny_encoder, tmp_path):
+    cb = RobustRetrievalEval(attacks=[PGD(steps=1)], progress=False)
+    trainer = L.Trainer(
+        inference_mode=True,
+        callbacks=[cb],
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_test_batches=1,
+    )
+    with pytest.raises(ConfigError, match="inference_mode: false"):
+        trainer.test(MatModule(tiny_encoder), RetrievalDataModule(world="tiny", max_eval_images=4))
+
+
+def test_callback_logs_keys_and_writes_files(tiny_encoder, tmp_path):
+    cb = RobustRetrievalEval(attacks=[PGD(steps=2)], experiment="unit", progress=False)
+    trainer = L.Trainer(
+        inference_mode=False,
+        callbacks=[cb],
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.test(MatModule(tiny_encoder), RetrievalDataModule(world="tiny", max_eval_images=8))
+    for key in ("test/clean/tr_r1", "test/pgd/tr_r1", "test/pgd/asr_flip_ir_r1", "test/pgd/seconds"):
+        assert key in trainer.callback_metrics
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["experiment"] == "unit" and results["n_images"] == 8 and len(results["rows"]) == 2
+
+
+def test_mat_robust_eval_on_a_checkpoint(tmp_path, tiny_clip_path):
+    tiny = [
+        "--data.world=tiny",
+        "--model.encoder.init_args.pretrained=synthetic:tiny",
+        "--trainer.enable_progress_bar=false",
+        "--data.max_eval_images=8",
+    ]
+    main(
+        [
+            "fit",
+            *tiny,
+            "--experiment=ft",
+            "--run_root",
+            str(tmp_path),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+        ]
+    )
+    ckpt = next((tmp_path / "ft").glob("*/checkpoints/last.ckpt"))
+    main(
+        [
+            "robust-eval",
+            *tiny,
+            "--experiment=ev",
+            "--run_root",
+            str(tmp_path),
+            "--ckpt_path",
+            str(ckpt),
+            "--robust_eval.attacks+=mat_lightning.attacks.PGD",
+            "--robust_eval.attacks.steps=2",
+            "--export",
+            str(tmp_path / "adv"),
+        ]
+    )
+    results = json.loads(next((tmp_path / "ev").glob("*/results.json")).read_text())
+    assert [r["attack"] for r in results["rows"]] == ["clean", "pgd"]
+    assert results["checkpoint"] == str(ckpt)
+    assert (tmp_path / "adv" / "pgd_eps2" / "captions.json").is_file()
