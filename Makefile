@@ -10,7 +10,7 @@ CFG = experiments/$(NAME).yaml
 # Tests never touch the network or a W&B account.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: help install test test-full lint experiment print-config eval table bench clean check-name
+.PHONY: help install test test-full lint experiment print-config eval table bench benchmark clean check-name
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -47,6 +47,25 @@ eval: check-name  ## Robust evaluation of a checkpoint: make eval NAME=smoke CKP
 
 table:  ## Paper-style table of all runs under runs/ (or RUNS="dir ...")
 	$(MAT) report $(or $(RUNS),runs) --out $(or $(OUT),runs)
+
+SEEDS ?= 0 1 2
+DEFENSES ?= clean image_at tecoa fare text_at mmcoa mat mat_1n
+ABLATIONS ?= eda rewrite i2t t2i image_aug all
+BENCH_ROOT ?= runs/benchmark
+QUIET := --trainer.enable_progress_bar=false --robust_eval.progress=false
+
+benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations x 1 seed, then the table
+	@set -e; start=$$(date +%s); \
+	for d in $(DEFENSES); do for s in $(SEEDS); do \
+	  echo "== synthetic_$$d seed $$s"; \
+	  $(MAT) fit --config experiments/synthetic_$$d.yaml --seed_everything=$$s --run_root=$(BENCH_ROOT) $(QUIET) $(ARGS) > /dev/null; \
+	done; done; \
+	for a in $(ABLATIONS); do \
+	  echo "== synthetic_mat_1n_$$a seed 0"; \
+	  $(MAT) fit --config experiments/synthetic_mat_1n_$$a.yaml --seed_everything=0 --run_root=$(BENCH_ROOT) $(QUIET) $(ARGS) > /dev/null; \
+	done; \
+	echo "benchmark wall time: $$(( ($$(date +%s) - start) / 60 )) min"
+	$(MAT) report $(BENCH_ROOT) --out $(BENCH_ROOT) --attacks clean pgd bert_attack sep_attack co_attack sga
 
 bench:  ## Speed/memory benchmarks, reported as ratios measured side by side
 	$(PY) -m benchmarks.run

@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> None:
 
             report(argv[1:])
             return
+        if argv[:1] == ["augment"]:
+            from mat_lightning.data.augment.generate import main as augment
+
+            augment(argv[1:])
+            return
         if argv[:1] == ["robust-eval"]:
             argv = ["test", *_export_alias(argv[1:])]
         try:

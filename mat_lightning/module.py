@@ -71,6 +71,9 @@ class MatModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------------------------------
 
+    def on_fit_start(self) -> None:
+        self.defense.prepare(self.device)  # load the training attacks' models before the first timed step
+
     def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
         t0 = time.perf_counter()
         out = self.defense(self.encoder, batch)

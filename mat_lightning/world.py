@@ -6,7 +6,9 @@ machines, so the synthetic world provides a counterpart of each, generated deter
 
 * ``ensure_world(preset)``  -> the Karpathy-layout annotation file of the generated data set;
 * ``ensure_clip(preset)``   -> a tiny open_clip checkpoint pretrained on the world's train split;
-* ``ensure_mlm(preset)``    -> a tiny ``BertForMaskedLM`` folder trained on the world's captions (for BERT-Attack).
+* ``ensure_mlm(preset)``    -> a tiny ``BertForMaskedLM`` folder trained on the world's captions (for BERT-Attack);
+* ``ensure_augmentations(preset)`` -> a folder of precomputed 1:N augmentations of the train split (rewrite, I2T,
+  T2I), in the file formats real users produce with LLaMA, BLIP and Stable Diffusion.
 
 Consumers name them by strings (``--data.dataset=synthetic``, ``pretrained: synthetic``, ``mlm: synthetic``), so
 the same code path serves real and synthetic runs. Builds hold a file lock, so parallel processes (DDP ranks,
@@ -20,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -202,3 +204,98 @@ def ensure_mlm(name: str = "default") -> Path:
             tmp.rename(path)
             log.info("masked LM ready in %.0fs", time.time() - t0)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Precomputed 1:N augmentations (MAT+), simulated by the world's generators
+
+# Per train image: grammar re-samples (rewrite), oracle captions (I2T), re-rendered layouts (T2I).
+AUGMENT_COUNTS = {"rewrite": 5, "i2t": 5, "t2i": 2}
+AUGMENT_VERSION = 1  # bump when the files below change for the same world
+AUGMENT_KINDS = ("rewrite", "i2t", "t2i")
+
+
+def augmentations_dir(name: str = "default") -> Path:
+    p = preset(name)
+    return cache_dir() / f"augment-{_digest(p.world, AUGMENT_COUNTS, AUGMENT_VERSION)}"
+
+
+def _distinct(draw: Callable[[], str], n: int, avoid: set[str], max_tries: int = 50) -> list[str]:
+    """``n`` draws, distinct and outside ``avoid`` when the generator allows it within ``max_tries``."""
+    out: list[str] = []
+    for _ in range(max_tries):
+        c = draw()
+        if c not in avoid and c not in out:
+            out.append(c)
+        if len(out) == n:
+            return out
+    while len(out) < n:  # a one-object scene has few phrasings: repeat rather than return fewer
+        out.append(draw())
+    return out
+
+
+def ensure_augmentations(name: str = "default") -> Path:
+    """Folder of the world's precomputed 1:N augmentations of its **train** split, generating it on first use.
+
+    Files, keyed by ``ImageCaptions.image_id`` (``images/000123.png``), the formats of
+    :mod:`mat_lightning.data.augment.providers`:
+
+    * ``rewrite.json``: ``{image_id: [5 captions]}``, the grammar re-sampled (the simulated LM rewrite), different
+      from the ground-truth captions where the grammar allows;
+    * ``i2t.json``: ``{image_id: [5 captions]}`` by the oracle captioner (the simulated BLIP);
+    * ``t2i.json``: ``{image_id: [2 paths]}`` relative to the folder, ``t2i/<stem>_<k>.png``: the scene re-rendered
+      in a new layout (the simulated Stable Diffusion): same objects and colours, new positions;
+    * ``manifest.json``: the preset, the world's digest and the counts (written last).
+
+    Deterministic: image ``i``'s augmentations depend only on the world seed and its id.
+    """
+    root = augmentations_dir(name)
+    if (root / "manifest.json").is_file():
+        return root
+    ann = ensure_world(name)
+    with _locked(root.name):
+        if not (root / "manifest.json").is_file():
+            import random
+            import shutil
+            from functools import partial
+
+            from mat_lightning.data.formats import read_annotations
+            from mat_lightning.data.synthetic import Scene, describe, oracle_caption, relayout, render
+
+            t0 = time.time()
+            cfg = preset(name).world
+            records = read_annotations(ann, ann.parent, "train")
+            tmp = root.with_name(root.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "t2i").mkdir(parents=True)
+            files: dict[str, dict[str, list[str]]] = {kind: {} for kind in AUGMENT_KINDS}
+            for r in records:
+                scene = Scene.from_json(r.meta["scene"])
+                rng = random.Random(f"augment|{cfg.seed}|{r.image_id}")  # str seeds hash stably across runs
+                files["rewrite"][r.image_id] = _distinct(
+                    partial(describe, scene, rng), AUGMENT_COUNTS["rewrite"], set(r.captions)
+                )
+                files["i2t"][r.image_id] = _distinct(
+                    partial(oracle_caption, scene, rng), AUGMENT_COUNTS["i2t"], set()
+                )
+                paths = []
+                for k in range(AUGMENT_COUNTS["t2i"]):
+                    rel = f"t2i/{Path(r.image_id).stem}_{k}.png"
+                    render(relayout(scene, rng), cfg.image_size, rng).save(tmp / rel)
+                    paths.append(rel)
+                files["t2i"][r.image_id] = paths
+            for kind, data in files.items():
+                (tmp / f"{kind}.json").write_text(json.dumps(data, indent=0))
+            manifest = {
+                "preset": name,
+                "world_digest": cfg.digest(),
+                "split": "train",
+                "n_images": len(records),
+                "counts": AUGMENT_COUNTS,
+                "version": AUGMENT_VERSION,
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+            log.info("synthetic 1:N augmentations of %r ready in %.1fs at %s", name, time.time() - t0, root)
+    return root

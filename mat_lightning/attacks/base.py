@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +32,26 @@ from torch import Tensor
 from mat_lightning.models.encoder import VLEncoder
 
 Modality = Literal["image", "text", "multimodal"]
+
+
+@contextmanager
+def attacking(encoder: VLEncoder) -> Iterator[None]:
+    """The attack-time state of an encoder: eval mode, parameters frozen, autograd on; all restored on exit.
+
+    Defenses that call an attack's lower-level ``perturb`` with their own objective wrap it in this.
+    """
+    was_training = encoder.training
+    flags = [(p, p.requires_grad) for p in encoder.parameters()]
+    encoder.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        encoder.train(was_training)
 
 
 @dataclass
@@ -82,6 +104,9 @@ class Attack(ABC):
                 p.requires_grad_(flag)
             encoder.train(was_training)
         return AttackResult(result.images.detach(), result.captions)
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Load what the attack needs (a masked LM, ...) before it is timed or first used; default: nothing."""
 
     @abstractmethod
     def forward(

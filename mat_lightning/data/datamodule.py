@@ -13,8 +13,10 @@ centre crop, no normalisation (the encoder normalises). ``S`` is the encoder's `
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mat_lightning.data.augment.pairs import OneToMany
 from mat_lightning.data.formats import Format, ImageCaptions, check_images_exist, read_annotations
 from mat_lightning.errors import ConfigError, DataError
 
@@ -93,27 +96,46 @@ class ImageStore:
 CaptionSampler = Callable[[int], list[str]]
 
 
+def _ground_truth(records: Sequence[ImageCaptions], i: int) -> list[str]:
+    return records[i].captions
+
+
 class TrainSet(Dataset):
-    """Item ``i``: (uint8 image[3, S, S], k captions of image ``i``, i).
+    """Item ``i``: (image[3, S, S], k captions of image ``i``, i).
 
     ``caption_pool(i)`` gives all captions eligible as positives of image ``i``; ``k`` are drawn without replacement
     when the pool is large enough, with replacement otherwise. Randomness comes from torch's global generator, which
     Lightning's ``seed_everything(workers=True)`` makes reproducible.
+
+    With ``one_to_many`` (MAT+), the pool and the image variant come from it instead: the image is then uint8, or
+    float in [0, 1] when augmented (``collate`` takes both); the item keeps index ``i`` either way, so a generated
+    image counts as the same image as its source.
     """
 
-    def __init__(self, store: ImageStore, caption_pool: CaptionSampler, k: int) -> None:
+    def __init__(
+        self, store: ImageStore, caption_pool: CaptionSampler, k: int, one_to_many: OneToMany | None = None
+    ) -> None:
         self.store, self.caption_pool, self.k = store, caption_pool, k
+        self.one_to_many = one_to_many
 
     def __len__(self) -> int:
         return len(self.store)
 
     def __getitem__(self, i: int) -> tuple[Tensor, list[str], int]:
-        pool = self.caption_pool(i)
+        image = self.store[i]
+        if self.one_to_many is None:
+            pool = self.caption_pool(i)
+        else:
+            # One draw from the global generator seeds this item's text and image randomness: reproducible under
+            # seed_everything, independent of how many numbers EDA or the image augmentation consume.
+            seed = int(torch.randint(2**62, ()))
+            pool = self.one_to_many.caption_pool(i, random.Random(seed))
+            image = self.one_to_many.image(i, image, torch.Generator().manual_seed(seed))
         if len(pool) >= self.k:
             idx = torch.randperm(len(pool))[: self.k].tolist()
         else:
             idx = torch.randint(len(pool), (self.k,)).tolist()
-        return self.store[i], [pool[j] for j in idx], i
+        return image, [pool[j] for j in idx], i
 
 
 class EvalSet(Dataset):
@@ -138,7 +160,11 @@ class EvalSet(Dataset):
 
 
 def collate(items: list[tuple[Tensor, list[str], int]]) -> RetrievalBatch:
-    images = torch.stack([im for im, _, _ in items]).float().div_(255)
+    """Items of uint8 images (decoded) or float images in [0, 1] (augmented) -> a batch of float images in [0, 1]."""
+    if all(im.dtype == torch.uint8 for im, _, _ in items):
+        images = torch.stack([im for im, _, _ in items]).float().div_(255)
+    else:
+        images = torch.stack([im.float().div(255) if im.dtype == torch.uint8 else im for im, _, _ in items])
     captions = [c for _, caps, _ in items for c in caps]
     txt2img = torch.tensor([b for b, (_, caps, _) in enumerate(items) for _ in caps], dtype=torch.long)
     return RetrievalBatch(images, captions, txt2img, torch.tensor([i for _, _, i in items], dtype=torch.long))
@@ -164,6 +190,9 @@ class RetrievalDataModule(L.LightningDataModule):
         image_size: side in pixels; default: the encoder's ``image_size`` (read at ``setup``).
         preload: decode all images into memory at setup (default: on for the synthetic world).
         num_workers: DataLoader workers.
+        one_to_many: MAT+'s 1:N augmentation of training pairs (extra captions from EDA, LM rewrites and I2T files;
+            generated images and image augmentation), see :class:`~mat_lightning.data.augment.pairs.OneToMany`.
+            None: train on the ground-truth pairs only. Used for the train split only.
     """
 
     def __init__(
@@ -184,6 +213,7 @@ class RetrievalDataModule(L.LightningDataModule):
         image_size: int | None = None,
         preload: bool | None = None,
         num_workers: int = 0,
+        one_to_many: OneToMany | None = None,
     ) -> None:
         super().__init__()
         if dataset not in ("synthetic", "flickr30k", "coco", "custom"):
@@ -194,7 +224,9 @@ class RetrievalDataModule(L.LightningDataModule):
             )
         if captions_per_image < 1:
             raise ConfigError(f"data.captions_per_image={captions_per_image}: must be >= 1")
-        self.save_hyperparameters(logger=False)
+        # one_to_many is an object (its configuration is in the CLI's config.yaml), not a hyperparameter value.
+        self.save_hyperparameters(logger=False, ignore=["one_to_many"])
+        self.one_to_many = one_to_many
         self.dataset, self.root, self.world = dataset, root, world
         self.annotations, self.image_root, self.format = annotations, image_root, format
         self.splits = {"fit": train_split, "validate": val_split, "test": test_split}
@@ -213,6 +245,8 @@ class RetrievalDataModule(L.LightningDataModule):
             from mat_lightning import world  # builds and caches the world on first use (our "download")
 
             world.ensure_world(self.world)
+        if self.one_to_many is not None:
+            self.one_to_many.prepare(self.world if self.dataset == "synthetic" else None)
 
     def annotation_file(self, split: str) -> Path:
         if self.dataset == "synthetic":
@@ -268,8 +302,9 @@ class RetrievalDataModule(L.LightningDataModule):
         return self.image_size
 
     def caption_pool(self, records: Sequence[ImageCaptions]) -> CaptionSampler:
-        """Captions eligible as positives of image ``i`` (ground truth; augmentation adds to it)."""
-        return lambda i: records[i].captions
+        """Captions eligible as positives of image ``i``: the ground truth (``one_to_many`` replaces it in MAT+)."""
+        # A partial, not a lambda: spawned DataLoader workers (macOS, Windows) pickle the data set.
+        return partial(_ground_truth, records)
 
     def eval_set(self, stage: str) -> EvalSet:
         """The evaluation set of ``validate`` or ``test`` (limited to ``max_eval_images``)."""
@@ -286,7 +321,13 @@ class RetrievalDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_set is None:
             records = self.read_split(self.splits["fit"])
             store = ImageStore([r.image_path for r in records], size, self.preload)
-            self.train_set = TrainSet(store, self.caption_pool(records), self.captions_per_image)
+            if self.one_to_many is not None:
+                world = self.world if self.dataset == "synthetic" else None
+                self.one_to_many.bind(records, size, world, cache=self.preload)
+                log.info("train pairs augmented 1:N by %r", self.one_to_many)
+            self.train_set = TrainSet(
+                store, self.caption_pool(records), self.captions_per_image, self.one_to_many
+            )
             log.info("train split %r: %d images", self.splits["fit"], len(records))
         if stage in ("fit", "validate"):
             self.eval_set("validate")

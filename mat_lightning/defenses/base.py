@@ -10,10 +10,15 @@ every ``training_step`` ``defense(encoder, batch) -> DefenseOutput``. Training-t
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
+from mat_lightning.attacks.base import Attack
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.losses import distributed_contrastive_loss
 from mat_lightning.models.encoder import VLEncoder
@@ -28,13 +33,43 @@ class DefenseOutput:
 
 
 class Defense(nn.Module):
-    """Base class. ``name`` labels results; ``trains`` lists the towers that receive updates."""
+    """Base class. ``name`` labels results; ``trains`` lists the towers that receive updates.
+
+    Args:
+        clean_weight: weight of an extra loss term on the clean batch (0 = adversarial loss only, the paper's MAT).
+    """
 
     name: str = "defense"
     trains: tuple[str, ...] = ("vision", "text")
 
+    def __init__(self, clean_weight: float = 0.0) -> None:
+        super().__init__()
+        if clean_weight < 0:
+            raise ValueError(f"clean_weight must be >= 0, got {clean_weight}")
+        self.clean_weight = clean_weight
+
     def attach(self, encoder: VLEncoder) -> None:
         """Called once with the starting encoder, before training (FARE copies it here)."""
+
+    def attacks(self) -> list[Attack]:
+        """The training-time attacks (prepared before the first step)."""
+        return [a for a in vars(self).values() if isinstance(a, Attack)]
+
+    def prepare(self, device: torch.device | str) -> None:
+        for attack in self.attacks():
+            attack.prepare(device)
+
+    def with_clean_term(
+        self, loss_adv: Tensor, clean_loss: Callable[[], Tensor], logs: dict[str, float]
+    ) -> DefenseOutput:
+        """``loss_adv + clean_weight * clean_loss()`` (the clean term computed only when weighted)."""
+        logs["loss_adv"] = loss_adv.item()
+        loss = loss_adv
+        if self.clean_weight > 0:
+            clean = clean_loss()
+            logs["loss_clean"] = clean.item()
+            loss = loss + self.clean_weight * clean
+        return DefenseOutput(loss, logs)
 
     def forward(
         self, encoder: VLEncoder, batch: RetrievalBatch
@@ -51,3 +86,13 @@ def clip_loss(encoder: VLEncoder, images: Tensor, captions: list[str], batch: Re
         batch.txt2img,
         batch.image_ids,
     )
+
+
+@contextmanager
+def timed(logs: dict[str, float], key: str = "attack_seconds") -> Iterator[None]:
+    """Adds the wall time of the block to ``logs[key]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        logs[key] = logs.get(key, 0.0) + time.perf_counter() - t0

@@ -8,7 +8,10 @@ from mat_lightning.models.encoder import VLEncoder
 
 
 class Clean(Defense):
-    """Symmetric InfoNCE on clean pairs, both towers trained; multi-positive when a batch has k > 1 captions/image."""
+    """Symmetric InfoNCE on clean pairs, both towers trained; multi-positive when a batch has k > 1 captions/image.
+
+    (``clean_weight`` has no meaning here: the whole loss is clean.)
+    """
 
     name = "clean"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -128,9 +129,9 @@ def robust_retrieval(
         for variant in variants:
             tag = f"{variant.name}_eps{variant.eps_255:g}" if variant.eps_255 is not None else variant.name
             export = Path(export_dir) / tag if export_dir is not None else None
-            ranks, seconds, _, _ = _encode_split(
-                encoder, loader, variant.clone(), device, tag, progress, export
-            )
+            variant = variant.clone()
+            variant.prepare(device)  # load models (the MLM) outside the timed loop
+            ranks, seconds, _, _ = _encode_split(encoder, loader, variant, device, tag, progress, export)
             rows.append(
                 {
                     "attack": variant.name,
@@ -249,6 +250,7 @@ class RobustRetrievalEval(L.Callback):
             "n_images": len(eval_set) if eval_set is not None else None,
             "n_captions": len(eval_set.captions) if eval_set is not None else None,
             "checkpoint": getattr(trainer, "ckpt_path", None),
+            "seed": int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None,
             "rows": self.rows,
         }
         write_results(trainer.default_root_dir, payload)

@@ -1,0 +1,66 @@
+"""FARE — unsupervised robust fine-tuning of the vision tower (Schlarmann et al., ICML 2024; chs20/RobustVLM).
+
+Loss ``‖f_θ(x + δ) − f_orig(x)‖²`` on **unnormalised** embeddings (sum over dimensions, mean over the batch), with
+``f_orig`` a frozen copy of the starting encoder and an inner PGD maximising the same distance. Only the vision tower
+is trained, so the text tower (and the captions) play no part. The frozen copy is a submodule: it is saved in
+checkpoints (a resumed run keeps the *original* reference) and moved with the model.
+
+The inner attack defaults to RobustVLM's README setting: L∞ PGD, 10 steps of 1/255 with momentum 0.9, at ε = 2/255.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from mat_lightning.attacks.base import attacking
+from mat_lightning.attacks.objectives import Guidance, embedding_l2
+from mat_lightning.attacks.pgd import PGD
+from mat_lightning.data.datamodule import RetrievalBatch
+from mat_lightning.defenses.base import Defense, DefenseOutput, timed
+from mat_lightning.losses import fare_loss
+from mat_lightning.models.encoder import VLEncoder
+
+
+class FARE(Defense):
+    """Vision-only adversarial fine-tuning towards the frozen starting encoder's clean embeddings.
+
+    Args:
+        attack: budget and step rule of the inner PGD; its objective is replaced by the embedding distance.
+        clean_weight: weight of the same distance on clean images (RobustVLM ``--clean_weight``).
+    """
+
+    name = "fare"
+    trains = ("vision",)
+
+    def __init__(self, attack: PGD | None = None, clean_weight: float = 0.0) -> None:
+        super().__init__(clean_weight)
+        self.attack = attack if attack is not None else PGD(eps_255=2, steps=10, step_255=1, momentum=0.9)
+        self.reference: VLEncoder | None = None
+
+    def attach(self, encoder: VLEncoder) -> None:
+        self.reference = copy.deepcopy(encoder)
+        self.reference.requires_grad_(False)
+        self.reference.eval()
+
+    def train(self, mode: bool = True) -> FARE:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # the reference never changes mode
+        return self
+
+    def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
+        if self.reference is None:
+            raise RuntimeError("FARE.attach(encoder) must run before training (MatModule does it)")
+        with torch.no_grad():
+            reference = self.reference.encode_image(batch.images, normalize=False)
+        logs: dict[str, float] = {}
+        with timed(logs), attacking(encoder):
+            adv = self.attack.perturb(
+                encoder, batch.images, embedding_l2, Guidance(reference_emb=reference), normalize=False
+            )
+        loss_adv = fare_loss(encoder.encode_image(adv, normalize=False), reference)
+        return self.with_clean_term(
+            loss_adv, lambda: fare_loss(encoder.encode_image(batch.images, normalize=False), reference), logs
+        )

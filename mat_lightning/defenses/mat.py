@@ -1,0 +1,96 @@
+"""MAT and MAT+1:N — multimodal adversarial training (Waseda et al., arXiv 2405.18770, WACV 2026).
+
+``min_θ E[ max_{δ, t'} L_con(f_θ(x + δ), g_θ(t')) ]``: each step builds an adversarial **pair** against the current
+model, by default text first (BERT-Attack changing 1 word, guided by the clean image), then image (2-step L∞ PGD,
+ε = 2/255, on the contrastive loss against the *adversarial* captions), and minimises the CLIP contrastive loss on
+it. Order, budgets and word budget are config; an optional clean term has weight ``clean_weight`` (default 0).
+
+MAT+1:N is the same objective over one-to-many pairs: the data module samples ``k > 1`` positives per image from
+ground-truth and augmented captions (and augmented images, ``data.one_to_many``), and the loss treats every caption
+of an image as a positive, never a negative (:func:`~mat_lightning.losses.contrastive_loss`). So ``MAT1N`` differs
+from ``MAT`` in the data it is given; the class checks that it is given 1:N batches.
+
+Where the paper is silent (PGD step size, the text attack's candidate objective) we follow the reference attack
+code: step 1/255 so that 2 steps reach the ε-ball's surface; SGA's image-guided candidate choice.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from mat_lightning.attacks.bert_attack import BertAttack
+from mat_lightning.attacks.pgd import PGD
+from mat_lightning.data.datamodule import RetrievalBatch
+from mat_lightning.defenses.base import Defense, DefenseOutput, clip_loss, timed
+from mat_lightning.models.encoder import VLEncoder
+
+
+class MAT(Defense):
+    """Multimodal adversarial training: attack the caption, then the image against it; train on the pair.
+
+    Args:
+        text_attack: the word-level attack (default: BERT-Attack, 1 word, top-10, image-guided).
+        image_attack: the pixel attack (default: L∞ PGD, ε = 2/255, 2 steps of 1/255, contrastive objective).
+        order: ``text_first`` (the paper) or ``image_first``; the second attack is run against the first's output.
+        clean_weight: weight of an extra clean CLIP loss (0 in the paper).
+    """
+
+    name = "mat"
+
+    def __init__(
+        self,
+        text_attack: BertAttack | None = None,
+        image_attack: PGD | None = None,
+        order: Literal["text_first", "image_first"] = "text_first",
+        clean_weight: float = 0.0,
+    ) -> None:
+        super().__init__(clean_weight)
+        if order not in ("text_first", "image_first"):
+            raise ValueError(f"order must be text_first or image_first, got {order!r}")
+        self.text_attack = text_attack if text_attack is not None else BertAttack(max_words=1)
+        self.image_attack = image_attack if image_attack is not None else PGD(eps_255=2, steps=2, step_255=1)
+        self.order = order
+
+    def adversarial_pair(self, encoder: VLEncoder, batch: RetrievalBatch) -> tuple[torch.Tensor, list[str]]:
+        """(adversarial images, adversarial captions), each attack against the other's output."""
+        images, captions, txt2img = batch.images, batch.captions, batch.txt2img
+        if self.order == "text_first":
+            captions = self.text_attack(encoder, images, captions, txt2img).captions
+            images = self.image_attack(encoder, images, captions, txt2img).images
+        else:
+            images = self.image_attack(encoder, images, captions, txt2img).images
+            captions = self.text_attack(encoder, images, captions, txt2img).captions
+        return images, captions
+
+    def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
+        logs: dict[str, float] = {}
+        with timed(logs):
+            adv_images, adv_captions = self.adversarial_pair(encoder, batch)
+        logs["captions_changed"] = sum(
+            a != b for a, b in zip(adv_captions, batch.captions, strict=True)
+        ) / len(adv_captions)
+        loss_adv = clip_loss(encoder, adv_images, adv_captions, batch)
+        return self.with_clean_term(
+            loss_adv, lambda: clip_loss(encoder, batch.images, batch.captions, batch), logs
+        )
+
+
+class MAT1N(MAT):
+    """MAT over one-to-many augmented pairs (MAT+ in the paper); configure ``data.captions_per_image > 1`` and
+    ``data.one_to_many``. Same arguments as :class:`MAT`."""
+
+    name = "mat_1n"
+
+    def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
+        if not getattr(self, "_checked", False):
+            self._checked = True
+            if batch.txt2img.numel() <= len(batch.image_ids) and batch.image_ids.unique().numel() == len(
+                batch.image_ids
+            ):
+                rank_zero_warn(
+                    "mat_1n got 1:1 batches (one caption per image): set data.captions_per_image > 1"
+                )
+        return super().forward(encoder, batch)
