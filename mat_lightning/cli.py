@@ -82,6 +82,8 @@ class MatCLI(LightningCLI):
             run_dir = cfg.trainer.default_root_dir or new_run_dir(Path(cfg.run_root) / cfg.experiment)
             os.environ["MAT_RUN_DIR"] = run_dir
         cfg.trainer.default_root_dir = run_dir
+        seed = cfg.seed_everything
+        cfg.robust_eval.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for lg in loggers:
             if not hasattr(lg, "class_path"):

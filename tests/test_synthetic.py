@@ -36,7 +36,7 @@ def test_karpathy_layout_with_five_distinct_captions_and_scene(tmp_path):
     for r in recs:
         assert len(r.captions) == 5
         scene = S.Scene.from_json(r.meta["scene"])
-        assert 1 <= len(scene.objects) <= 3
+        assert cfg.min_objects <= len(scene.objects) <= cfg.max_objects
         assert r.image_path.is_file()
 
 
@@ -52,6 +52,15 @@ def test_captions_name_what_is_drawn():
         for o in mentioned:
             assert any(w in words for w in S.SHAPE_WORDS[o.shape]), (scene, caption)
         assert not re.search(r"\ba [aeiou]", caption), caption  # "an amber disc", never "a amber disc"
+
+
+def test_inventories_limit_colours_and_shapes(tmp_path):
+    ann = S.write_world(
+        S.WorldConfig(seed=2, n_train=30, n_val=1, n_test=1, n_colours=2, n_shapes=3), tmp_path / "w"
+    )
+    scenes = [S.Scene.from_json(im["scene"]) for im in json.loads(ann.read_text())["images"]]
+    assert {o.colour for s in scenes for o in s.objects} == {"red", "green"}
+    assert {o.shape for s in scenes for o in s.objects} == {"circle", "square", "triangle"}
 
 
 def test_relations_follow_positions():

@@ -107,6 +107,7 @@ class Attack(ABC):
 
     def prepare(self, device: torch.device | str) -> None:
         """Load what the attack needs (a masked LM, ...) before it is timed or first used; default: nothing."""
+        return None
 
     @abstractmethod
     def forward(

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,12 +158,20 @@ def _place(rng: random.Random, sizes: list[str], tries: int = 200) -> list[tuple
     return centres
 
 
-def sample_scene(rng: random.Random, max_objects: int = 3, min_objects: int = 1) -> Scene:
-    """A random scene of min_objects..max_objects objects with distinct (shape, colour) pairs."""
+def sample_scene(
+    rng: random.Random,
+    max_objects: int = 3,
+    min_objects: int = 1,
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+) -> Scene:
+    """A random scene of min_objects..max_objects objects with distinct (shape, colour) pairs, drawn from the given
+    colour and shape inventories (default: all)."""
+    colours, shapes = list(colours or COLOURS), list(shapes or SHAPE_WORDS)
     n = rng.randint(min_objects, max_objects)
     kinds: list[tuple[str, str]] = []
     while len(kinds) < n:
-        kind = (rng.choice(list(SHAPE_WORDS)), rng.choice(list(COLOURS)))
+        kind = (rng.choice(shapes), rng.choice(colours))
         if kind not in kinds:
             kinds.append(kind)
     sizes = [rng.choice(list(SIZE_WORDS)) for _ in range(n)]
@@ -339,6 +348,7 @@ class WorldConfig:
         n_train, n_val, n_test: images per Karpathy split.
         image_size: rendered side in pixels.
         min_objects, max_objects: objects per scene are drawn from min_objects..max_objects.
+        n_colours, n_shapes: how many of the colours and shapes (in the order of ``COLOURS``/``SHAPE_WORDS``) occur.
         captions_per_image: ground-truth captions per image (5, as Flickr30K).
     """
 
@@ -349,6 +359,8 @@ class WorldConfig:
     image_size: int = 64
     max_objects: int = 4
     min_objects: int = 2
+    n_colours: int = 6
+    n_shapes: int = 6
     captions_per_image: int = 5
 
     def digest(self) -> str:
@@ -379,6 +391,11 @@ def write_world(cfg: WorldConfig, root: str | Path) -> Path:
 
     Files are written to a temporary folder and renamed into place, so an interrupted run leaves no half world.
     """
+    if cfg.n_colours * cfg.n_shapes < cfg.max_objects or not (1 <= cfg.min_objects <= cfg.max_objects):
+        raise ValueError(
+            f"WorldConfig: {cfg.n_colours} colours x {cfg.n_shapes} shapes cannot give {cfg.max_objects} distinct "
+            f"objects per scene (min_objects={cfg.min_objects}); raise the inventories or lower max_objects"
+        )
     root = Path(root)
     tmp = root.with_name(root.name + ".partial")
     if tmp.exists():
@@ -391,7 +408,13 @@ def write_world(cfg: WorldConfig, root: str | Path) -> Path:
     sentid = 0
     splits = ["train"] * cfg.n_train + ["val"] * cfg.n_val + ["test"] * cfg.n_test
     for imgid, split in enumerate(splits):
-        scene = sample_scene(rng, cfg.max_objects, cfg.min_objects)
+        scene = sample_scene(
+            rng,
+            cfg.max_objects,
+            cfg.min_objects,
+            list(COLOURS)[: cfg.n_colours],
+            list(SHAPE_WORDS)[: cfg.n_shapes],
+        )
         filename = f"{imgid:06d}.png"
         render(scene, cfg.image_size, rng).save(tmp / "images" / filename)
         sentences = []

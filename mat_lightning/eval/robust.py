@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -155,6 +154,7 @@ class RobustRetrievalEval(L.Callback):
         experiment: the run's name in ``results.json`` (linked from the top-level ``experiment``).
         export_dir: write the adversarial test set there (images + captions) for reuse.
         progress: a progress bar per attack.
+        seed: the run's seed, recorded in ``results.json`` (the ``mat`` CLI sets it from ``seed_everything``).
     """
 
     def __init__(
@@ -165,8 +165,10 @@ class RobustRetrievalEval(L.Callback):
         experiment: str = "default",
         export_dir: str | None = None,
         progress: bool = True,
+        seed: int | None = None,
     ) -> None:
         self.attacks = list(attacks or [])
+        self.seed = seed
         self.eps_255_grid = eps_255_grid
         self.ks = list(ks or [1, 5, 10])
         self.experiment = experiment
@@ -250,7 +252,7 @@ class RobustRetrievalEval(L.Callback):
             "n_images": len(eval_set) if eval_set is not None else None,
             "n_captions": len(eval_set.captions) if eval_set is not None else None,
             "checkpoint": getattr(trainer, "ckpt_path", None),
-            "seed": int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None,
+            "seed": self.seed,
             "rows": self.rows,
         }
         write_results(trainer.default_root_dir, payload)
