@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mat_lightning.data.datamodule import RetrievalDataModule
-from mat_lightning.errors import MatError
+from mat_lightning.errors import ConfigError, MatError
 from mat_lightning.eval.robust import RobustRetrievalEval
 from mat_lightning.logging import SaveConfigToWandb
 from mat_lightning.module import MatModule
@@ -102,6 +102,8 @@ class MatCLI(LightningCLI):
                 and cb.init_args.get("dirpath") is None
             ):
                 cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")
+        if cfg.get("ckpt_path") not in (None, "best", "last", "hpc", "registry"):
+            check_checkpoint(cfg.ckpt_path)
         rank_zero_info(f"run folder: {run_dir}")
 
     def after_fit(self) -> None:
@@ -114,6 +116,23 @@ class MatCLI(LightningCLI):
             )
         # verbose=False: RobustRetrievalEval prints a compact table instead of one line per logged scalar
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail early, with a message, on a --ckpt_path that is missing or not a Lightning checkpoint."""
+    import torch
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--ckpt_path {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise ConfigError(f"--ckpt_path {path} cannot be read as a torch checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(
+            f"--ckpt_path {path} is not a Lightning checkpoint of MatModule (no 'state_dict'). To evaluate open_clip "
+            "weights, pass the file as --model.encoder.init_args.pretrained (a vision tower: vision_checkpoint)."
+        )
 
 
 def new_run_dir(parent: Path) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -110,8 +109,3 @@ def distributed_contrastive_loss(
 def fare_loss(embedding: Tensor, reference: Tensor) -> Tensor:
     """FARE's loss: squared L2 distance of unnormalised embeddings, summed over dims, mean over the batch."""
     return (embedding - reference).pow(2).sum(dim=-1).mean()
-
-
-def clip_cross_entropy(image_emb: Tensor, class_emb: Tensor, logit_scale: Tensor, labels: Tensor) -> Tensor:
-    """TeCoA's loss: cross-entropy of ``logit_scale * cos(image, class_emb)`` against ``labels``."""
-    return F.cross_entropy(logit_scale * image_emb @ class_emb.T, labels)

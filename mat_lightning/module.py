@@ -19,6 +19,7 @@ import torch
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.defenses.base import Defense
 from mat_lightning.defenses.clean import Clean
+from mat_lightning.errors import ConfigError
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.retrieval import recall_at_k
 from mat_lightning.models.encoder import VLEncoder
@@ -68,6 +69,32 @@ class MatModule(L.LightningModule):
         for p in self.encoder.parameters():
             if id(p) not in trained:
                 p.requires_grad_(False)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Let any MatModule checkpoint be evaluated under any defense's config.
+
+        The encoder's weights must match; the defense's own state (FARE's frozen reference) is taken from the
+        checkpoint when the configured defense has it, and left as configured otherwise.
+        """
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            raise ConfigError(
+                "--ckpt_path is not a Lightning checkpoint of MatModule (no 'state_dict'). To evaluate open_clip "
+                "weights, pass the file as --model.encoder.init_args.pretrained (a vision tower: vision_checkpoint)."
+            )
+        own = self.state_dict()
+        for key in [k for k in state if k.startswith("defense.") and k not in own]:
+            del state[key]
+        for key in (k for k in own if k.startswith("defense.") and k not in state):
+            state[key] = own[key]
+        missing = [k for k in own if k.startswith("encoder.") and k not in state]
+        if missing:
+            raise ConfigError(
+                f"the checkpoint's encoder does not match the configured one ({len(missing)} missing weights, "
+                f"e.g. {missing[:3]}); check --model.encoder"
+            )
 
     # -- training -----------------------------------------------------------------------------------------------------
 

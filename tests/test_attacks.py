@@ -296,3 +296,90 @@ def test_textattack_transformation_as_candidate_generator():
     cands = gen.candidates(["a", "crimson", "disc"], 1, 5)
     assert 0 < len(cands) <= 5
     assert all(c != "crimson" and len(c) == len("crimson") for c in cands)
+
+
+@pytest.mark.parametrize("name", ["PGD", "SepAttack", "CoAttack", "SGA", "TorchattacksAttack"])
+def test_seed_changes_the_randomised_attacks(name, tiny_encoder, data):
+    x, captions, txt2img = data
+    a = make(name)(tiny_encoder, x, captions, txt2img).images
+    b = make(name, seed=1)(tiny_encoder, x, captions, txt2img).images
+    assert not torch.equal(a, b)
+
+
+def test_image_objectives_against_hand_loops():
+    from mat_lightning.attacks.objectives import Guidance, caption_cosine, embedding_kl
+
+    g = torch.Generator().manual_seed(3)
+    emb = torch.nn.functional.normalize(torch.randn(3, 5, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    txt2img = torch.tensor([0, 0, 0, 1, 2, 2])
+    per_image = [sum(float(emb[i] @ txt[t]) for t in range(6) if txt2img[t] == i) for i in range(3)]
+    assert caption_cosine(emb, Guidance(txt2img=txt2img, text_emb=txt)).item() == pytest.approx(
+        -sum(per_image) / 3
+    )
+    clean = torch.nn.functional.normalize(torch.randn(3, 5, generator=g), dim=-1)
+    p, q = (
+        clean.softmax(-1),
+        emb.softmax(-1),
+    )  # Co-Attack: KLDivLoss(log_softmax(adv), softmax(clean)), batchmean
+    expected = float((p * (p.log() - q.log())).sum() / 3)
+    assert embedding_kl(emb, Guidance(clean_emb=clean)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_co_attack_objective_and_sga_guidance_order(tiny_encoder, data, monkeypatch):
+    x, captions, txt2img = data
+    x, captions, txt2img = (
+        x[:4],
+        [c for c, i in zip(captions, txt2img.tolist(), strict=True) if i < 4],
+        txt2img[txt2img < 4],
+    )
+    # Co-Attack: capture the image objective and check it against the formula on fixed embeddings.
+    co = A.CoAttack(A.PGD(eps_255=2, steps=1), BertAttack(mlm=TINY_MLM, top_k=3), alpha=3.0)
+    seen = {}
+
+    def spy_perturb(encoder, images, objective, guidance, normalize=True, views=None):
+        seen.update(objective=objective, guidance=guidance)
+        return images
+
+    monkeypatch.setattr(co.image_attack, "perturb", spy_perturb)
+    co(tiny_encoder, x, captions, txt2img)
+    g = seen["guidance"]
+    adv = torch.nn.functional.normalize(torch.randn(4, g.clean_emb.shape[1]), dim=-1)
+
+    def kl(a, target):
+        p, q = target.softmax(-1), a.softmax(-1)
+        return (p * (p.log() - q.log())).sum() / a.shape[0]
+
+    expected = kl(adv, g.clean_emb) + 3.0 * kl(adv[g.txt2img], g.text_emb)
+    torch.testing.assert_close(seen["objective"](adv, g), expected, rtol=1e-5, atol=1e-6)
+
+    # SGA: text guided by the clean image, image guided by those captions, text again from the originals.
+    sga = A.SGA(A.PGD(eps_255=2, steps=2), BertAttack(mlm=TINY_MLM, top_k=3))
+    calls = []
+    original = sga.text_attack.perturb
+
+    def spy_text(encoder, caps, t2i, objective, image_emb=None):
+        out = original(encoder, caps, t2i, objective, image_emb)
+        calls.append((list(caps), image_emb.clone(), out))
+        return out
+
+    monkeypatch.setattr(sga.text_attack, "perturb", spy_text)
+    result = sga(tiny_encoder, x, captions, txt2img)
+    assert len(calls) == 2 and calls[0][0] == captions and calls[1][0] == captions
+    with torch.no_grad():
+        torch.testing.assert_close(calls[0][1], tiny_encoder.encode_image(x))
+        torch.testing.assert_close(calls[1][1], tiny_encoder.encode_image(result.images))
+    assert result.captions == calls[1][2]
+
+
+def test_robustvlm_momentum_is_sign_pgd_under_linf(tiny_encoder, data):
+    x, captions, txt2img = data
+    plain = A.PGD(eps_255=4, steps=3, step_255=1)(tiny_encoder, x, captions, txt2img).images
+    momentum = A.PGD(eps_255=4, steps=3, step_255=1, momentum=0.9)(tiny_encoder, x, captions, txt2img).images
+    torch.testing.assert_close(momentum, plain)
+    l2 = A.PGD(eps_255=30, steps=3, step_255=10, norm="l2", momentum=0.9)(
+        tiny_encoder, x, captions, txt2img
+    ).images
+    assert not torch.equal(
+        l2, A.PGD(eps_255=30, steps=3, step_255=10, norm="l2")(tiny_encoder, x, captions, txt2img).images
+    )

@@ -112,3 +112,17 @@ def test_real_layouts_load_from_folders(tmp_path):
     )
     with pytest.raises(DataError, match=r"(?s)1 of 4 images .* missing.*2\.jpg"):
         dm2.setup("test")
+
+
+def test_one_albef_file_cannot_serve_training_and_evaluation(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.jpg")
+    (tmp_path / "test.json").write_text(json.dumps([{"image": "imgs/a.jpg", "caption": ["a"]}]))
+    dm = RetrievalDataModule(
+        dataset="custom", root=str(tmp_path), annotations=str(tmp_path / "test.json"), image_size=8
+    )
+    dm.setup("test")  # evaluation alone is fine
+    with pytest.raises(ConfigError, match="cannot serve both"):
+        dm.setup("fit")
+    with pytest.raises(ConfigError, match="data.batch_size=0"):
+        RetrievalDataModule(batch_size=0)

@@ -66,3 +66,22 @@ def test_clear_errors(tmp_path, random_encoder):
         OpenClipEncoder("mat-tiny", pretrained="openai")  # no such tag for the tiny config; never downloads
     with pytest.raises(ValueError, match="expects 64x64 images"):
         random_encoder.encode_image(torch.rand(1, 3, 32, 32))
+
+
+def test_vision_checkpoint_errors_are_named(tmp_path, random_encoder):
+    with pytest.raises(ConfigError, match="no such file"):
+        OpenClipEncoder("mat-tiny", pretrained=None, vision_checkpoint=str(tmp_path / "missing.pt"))
+    torch.save({"not_a_tower.weight": torch.zeros(3)}, tmp_path / "wrong.pt")
+    with pytest.raises(ConfigError, match="does not fit this model's image tower"):
+        OpenClipEncoder("mat-tiny", pretrained=None, vision_checkpoint=str(tmp_path / "wrong.pt"))
+    # RobustVLM/TeCoA layout with a DataParallel prefix loads
+    wrapped = {
+        "vision_encoder_state_dict": {
+            f"module.{k}": v for k, v in random_encoder.model.visual.state_dict().items()
+        }
+    }
+    torch.save(wrapped, tmp_path / "tecoa.pt")
+    other = OpenClipEncoder("mat-tiny", pretrained=None, vision_checkpoint=str(tmp_path / "tecoa.pt"))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(other.encode_image(x), random_encoder.encode_image(x))

@@ -140,3 +140,48 @@ def test_mat_robust_eval_on_a_checkpoint(tmp_path, tiny_clip_path):
     assert [r["attack"] for r in results["rows"]] == ["clean", "pgd"]
     assert results["checkpoint"] == str(ckpt)
     assert (tmp_path / "adv" / "pgd_eps2" / "captions.json").is_file()
+
+
+def test_any_checkpoint_under_any_defense_and_clear_errors(tmp_path, tiny_clip_path, capsys):
+    tiny = [
+        "--data.world=tiny",
+        "--model.encoder.init_args.pretrained=synthetic:tiny",
+        "--trainer.enable_progress_bar=false",
+        "--data.max_eval_images=8",
+    ]
+    fare = [
+        "--model.defense=mat_lightning.defenses.FARE",
+        "--model.defense.attack=mat_lightning.attacks.PGD",
+        "--model.defense.attack.steps=1",
+    ]
+    main(
+        [
+            "fit",
+            *tiny,
+            *fare,
+            "--experiment=fare",
+            "--run_root",
+            str(tmp_path),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+        ]
+    )
+    ckpt = next((tmp_path / "fare").glob("*/checkpoints/last.ckpt"))
+    main(
+        ["robust-eval", *tiny, "--experiment=ev", "--run_root", str(tmp_path), "--ckpt_path", str(ckpt)]
+    )  # clean config
+    assert next((tmp_path / "ev").glob("*/results.json")).is_file()
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "robust-eval",
+                *tiny,
+                "--experiment=ev2",
+                "--run_root",
+                str(tmp_path),
+                "--ckpt_path",
+                str(tmp_path / "plain.pt"),
+            ]
+        )
+    assert e.value.code == 2 and "not a Lightning checkpoint" in capsys.readouterr().err

@@ -22,11 +22,11 @@ import zlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.bert_attack import BertAttack, TextObjective
+from mat_lightning.attacks.objectives import caption_prototypes
 from mat_lightning.attacks.stopwords import STOP_WORDS
 from mat_lightning.errors import ConfigError
 from mat_lightning.models.encoder import VLEncoder
@@ -99,11 +99,8 @@ class TorchattacksAttack(Attack):
             raise ConfigError(f"torchattacks has no attack {self.attack!r}")
         cls = getattr(torchattacks, self.attack)
         with torch.no_grad():
-            text = encoder.encode_text(captions)
-            proto = torch.zeros(images.shape[0], text.shape[1], device=images.device).index_add(
-                0, txt2img, text
-            )
-        model = _RetrievalClassifier(encoder, F.normalize(proto, dim=-1))
+            prototypes, labels = caption_prototypes(encoder.encode_text(captions), txt2img, images.shape[0])
+        model = _RetrievalClassifier(encoder, prototypes)
         kwargs = dict(self.kwargs)
         if "alpha_255" in kwargs:
             kwargs["alpha"] = kwargs.pop("alpha_255") / 255.0
@@ -115,7 +112,6 @@ class TorchattacksAttack(Attack):
         if "seed" in params and self.seed is not None:
             kwargs.setdefault("seed", self.seed)
         atk = cls(model, **kwargs)
-        labels = torch.arange(images.shape[0], device=images.device)
         # torchattacks draws random starts from torch's global generator: seed it from ours, then restore it.
         with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
             gen = self.generator(images.device)

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mat_lightning.errors import ConfigError
 from mat_lightning.models.encoder import VLEncoder
 
 Modality = Literal["image", "text", "multimodal"]
@@ -67,6 +68,10 @@ class Attack(ABC):
 
     Args:
         seed: seed of the attack's random generator (random starts, noise); None draws from torch's global RNG.
+
+    The generator is created on first use and advances across calls, so a run over a data set is reproducible for
+    a given batch order. It is independent of the run's ``seed_everything`` on purpose: every model is evaluated
+    with the same attack noise.
     """
 
     name: str = "attack"
@@ -88,21 +93,11 @@ class Attack(ABC):
         self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor
     ) -> AttackResult:
         if len(captions) != txt2img.numel():
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: {len(captions)} captions but txt2img has {txt2img.numel()} entries"
             )
-        was_training = encoder.training
-        flags = [(p, p.requires_grad) for p in encoder.parameters()]
-        encoder.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
-            with torch.enable_grad():
-                result = self.forward(encoder, images.detach(), list(captions), txt2img.to(images.device))
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            encoder.train(was_training)
+        with attacking(encoder):
+            result = self.forward(encoder, images.detach(), list(captions), txt2img.to(images.device))
         return AttackResult(result.images.detach(), result.captions)
 
     def prepare(self, device: torch.device | str) -> None:

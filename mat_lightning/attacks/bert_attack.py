@@ -26,6 +26,7 @@ numbers.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Sequence
@@ -61,8 +62,12 @@ def resolve_mlm(spec: str) -> str:
     return str(world.ensure_mlm(spec.split(":", 1)[1] if ":" in spec else "default"))
 
 
+@functools.lru_cache(maxsize=4)
 def load_mlm(spec: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a HF masked LM given by hub name, local folder, or ``synthetic``."""
+    """(model, tokenizer) of a HF masked LM given by hub name, local folder, or ``synthetic``.
+
+    Cached by spec: the attacks of a suite (BERT-Attack, Sep-Attack, Co-Attack, SGA) share one model in memory.
+    """
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     path = resolve_mlm(spec)
@@ -129,8 +134,11 @@ class BertAttack(Attack):
         super().__init__(seed)
         if objective not in ("image_cosine", "embedding_kl"):
             raise ConfigError(f"BertAttack objective={objective!r}; choose image_cosine or embedding_kl")
-        if top_k < 1 or max_words < 0:
-            raise ConfigError(f"BertAttack needs top_k >= 1 and max_words >= 0 (got {top_k}, {max_words})")
+        if top_k < 1 or max_words < 0 or max_length < 3 or bpe_top < 1:
+            raise ConfigError(
+                f"BertAttack needs top_k >= 1, max_words >= 0, max_length >= 3, bpe_top >= 1 "
+                f"(got {top_k}, {max_words}, {max_length}, {bpe_top})"
+            )
         self.mlm, self.top_k, self.max_words, self.objective = mlm, top_k, max_words, objective
         self.max_length, self.legacy_offset = max_length, legacy_offset
         self.bpe_top, self.bpe_max_combinations, self.max_subwords = (

@@ -6,12 +6,16 @@ objectives that couple them, as Co-Attack's ``MultiModalAttacker`` composes its 
 integers:
 
 * ``sep_attack`` — text and image attacked independently, each with its own configured objective
-  (Co-Attack's ``--adv 3``).
+  (the structure of Co-Attack's ``--adv 3``; its defaults here are contrastive PGD and image-guided BERT-Attack, where
+  Co-Attack used KL objectives for both).
 * ``co_attack`` — text first (BERT-Attack maximising the KL from the clean caption embedding), then image PGD
-  maximising ``KL(img_adv ‖ img) + α·KL(img_adv ‖ txt_adv)`` (Co-Attack ``run_before_fusion``, α = 3).
+  maximising ``KL(softmax(e_img) ‖ softmax(e_adv)) + α·KL(softmax(e_txt_adv) ‖ softmax(e_adv))``, i.e. Co-Attack's
+  ``KLDivLoss(batchmean)(log_softmax(adv), softmax(target))`` terms (``run_before_fusion``, α = 3).
 * ``sga`` — text guided by the clean image; image guided by the *set* of its adversarial captions on the image and 4
   rescaled, noised copies; text again from the original captions, guided by the adversarial image
   (Zoky-2020/SGA ``SGAttacker.attack``).
+
+``seed`` of a multimodal attack re-seeds its parts (so ``SGA(seed=1)`` and ``SGA(seed=0)`` differ).
 
 Deliberate difference from the reference scripts: each image is attacked once with all of its captions (Co-Attack's
 script attacks every image once per caption and keeps the last).
@@ -30,6 +34,7 @@ from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.bert_attack import BertAttack
 from mat_lightning.attacks.objectives import Guidance, caption_cosine, kl_from
 from mat_lightning.attacks.pgd import PGD
+from mat_lightning.errors import ConfigError
 from mat_lightning.models.encoder import VLEncoder
 
 
@@ -41,9 +46,15 @@ class _Composed(Attack):
     ) -> None:
         super().__init__(seed)
         self.image_attack = (
-            image_attack if image_attack is not None else PGD(eps_255=2.0, steps=10, step_255=step_255)
+            image_attack.clone()
+            if image_attack is not None
+            else PGD(eps_255=2.0, steps=10, step_255=step_255)
         )
-        self.text_attack = text_attack if text_attack is not None else BertAttack()
+        self.text_attack = text_attack.clone() if text_attack is not None else BertAttack()
+        if (
+            seed is not None
+        ):  # the composite's seed governs the randomness of its parts (random start, SGA noise)
+            self.image_attack.seed = self.text_attack.seed = seed
 
     @property
     def eps_255(self) -> float:
@@ -109,6 +120,8 @@ class CoAttack(_Composed):
         seed: int | None = 0,
     ) -> None:
         super().__init__(image_attack, text_attack, 0.25, seed)
+        if alpha < 0:
+            raise ConfigError(f"CoAttack alpha={alpha}: must be >= 0")
         self.alpha = alpha
 
     def forward(
@@ -176,6 +189,8 @@ class SGA(_Composed):
     ) -> None:
         super().__init__(image_attack, text_attack, 0.5, seed)
         self.scales = list(scales) if scales is not None else [0.5, 0.75, 1.25, 1.5]
+        if any(s <= 0 for s in self.scales) or noise_std < 0:
+            raise ConfigError(f"SGA scales={self.scales} must be > 0 and noise_std={noise_std} >= 0")
         self.noise_std = noise_std
 
     def forward(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -72,6 +73,28 @@ def embedding_l2(emb: Tensor, g: Guidance) -> Tensor:
 
 def cross_entropy(emb: Tensor, g: Guidance) -> Tensor:
     return F.cross_entropy(g.logit_scale * emb @ g.class_emb.T, g.labels)
+
+
+def caption_prototypes(
+    text_emb: Tensor, txt2img: Tensor, n_rows: int, image_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Classes of a retrieval batch for the cross-entropy objectives (TeCoA, torchattacks adapters).
+
+    Each distinct image is a class, represented by the L2-normalised mean of its captions' embeddings.
+
+    Args:
+        text_emb: float[T, D] caption embeddings; txt2img: long[T] row of each caption's image.
+        n_rows: B, the number of image rows.
+        image_ids: long[B] image identities (rows with equal ids form one class); default: every row its own.
+
+    Returns:
+        (class_emb float[C, D], labels long[B]) with labels[b] the class of row b.
+    """
+    if image_ids is None:
+        image_ids = torch.arange(n_rows, device=text_emb.device)
+    ids, labels = torch.unique(image_ids, return_inverse=True)
+    proto = text_emb.new_zeros(len(ids), text_emb.shape[1]).index_add(0, labels[txt2img], text_emb)
+    return F.normalize(proto, dim=-1), labels
 
 
 ImageObjective = Callable[[Tensor, Guidance], Tensor]

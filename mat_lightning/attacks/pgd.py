@@ -4,7 +4,9 @@ Follows torchattacks' ``PGD`` (random start ``U(-ε, ε)`` clamped to [0, 1], ``
 ε-ball then to [0, 1], last iterate returned) and adds what the VL robustness papers use:
 
 * ``norm="l2"`` (step along the L2-normalised gradient, projection onto the L2 ball);
-* ``momentum`` on the normalised gradient, as RobustVLM's ``pgd_train.py`` (FARE/TeCoA training);
+* ``momentum`` as RobustVLM's ``pgd_train.py`` (FARE/TeCoA training): a velocity of normalised gradients,
+  re-normalised every step. Under L∞ this is exactly sign-PGD (``sign(0.9·v + sign(g)) = sign(g)``), as in
+  RobustVLM; for MI-FGSM-style momentum use ``TorchattacksAttack("MIFGSM")``;
 * objectives by name (:mod:`~mat_lightning.attacks.objectives`), or any callable when attacks are composed;
 * ``views``: a function giving extra differentiable views of the adversarial image (SGA's rescaled copies); the
   objective is summed over the image and its views.
@@ -15,17 +17,25 @@ Defaults are the VLP attack papers' evaluation setting: L∞, ε = 2/255, 10 ste
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mat_lightning.attacks.base import Attack, AttackResult
-from mat_lightning.attacks.objectives import IMAGE_OBJECTIVES, UNNORMALISED, Guidance, ImageObjective
+from mat_lightning.attacks.objectives import (
+    IMAGE_OBJECTIVES,
+    UNNORMALISED,
+    Guidance,
+    ImageObjective,
+    caption_prototypes,
+)
 from mat_lightning.errors import ConfigError
 from mat_lightning.models.encoder import VLEncoder
+
+log = logging.getLogger(__name__)
 
 Views = Callable[[Tensor, torch.Generator | None], list[Tensor]]
 
@@ -39,7 +49,7 @@ class PGD(Attack):
         step_255: step size in 1/255 units.
         norm: ``linf`` or ``l2``.
         random_start: start from a uniform point of the ε-ball (L∞) / a random point of the L2 ball.
-        momentum: RobustVLM-style momentum on normalised gradients (0 = plain PGD).
+        momentum: RobustVLM-style momentum on normalised gradients (0 = plain PGD; no effect under L∞).
         objective: what is maximised: ``contrastive``, ``caption_cosine``, ``embedding_kl``, ``embedding_l2``,
             ``cross_entropy``.
         seed: seed of the random start.
@@ -69,6 +79,8 @@ class PGD(Attack):
                 f"PGD budgets must be >= 0 (eps_255={eps_255}, steps={steps}, step_255={step_255})"
             )
         self._eps_255, self.steps, self.step_255 = float(eps_255), steps, float(step_255)
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"PGD momentum={momentum}: must be in [0, 1)")
         self.norm, self.random_start, self.momentum, self.objective = norm, random_start, momentum, objective
 
     @property
@@ -100,18 +112,17 @@ class PGD(Attack):
         g = Guidance(txt2img=txt2img, logit_scale=encoder.logit_scale.detach())
         if self.objective in ("contrastive", "caption_cosine", "cross_entropy"):
             g.text_emb = encoder.encode_text(captions)
+        if self.objective in ("contrastive", "cross_entropy") and images.shape[0] < 2:
+            # with one image there is no negative: the loss is constant and PGD keeps only its random start
+            log.warning(
+                "PGD objective=%s on a batch of 1 image has no negatives (zero gradient)", self.objective
+            )
         if self.objective == "embedding_kl":
             g.clean_emb = encoder.encode_image(images)
         if self.objective == "embedding_l2":
             g.reference_emb = encoder.encode_image(images, normalize=False)
         if self.objective == "cross_entropy":  # classes = the batch's images, each the mean of its captions
-            proto = torch.zeros(images.shape[0], g.text_emb.shape[1], device=images.device).index_add(
-                0, txt2img, g.text_emb
-            )
-            g.class_emb, g.labels = (
-                F.normalize(proto, dim=-1),
-                torch.arange(images.shape[0], device=images.device),
-            )
+            g.class_emb, g.labels = caption_prototypes(g.text_emb, txt2img, images.shape[0])
         return g
 
     def perturb(
@@ -153,15 +164,10 @@ class PGD(Attack):
             (grad,) = torch.autograd.grad(loss, adv)
             grad = torch.nan_to_num(grad)
             adv = adv.detach()
-            if self.momentum > 0:
-                normed = (
-                    grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-                    if self.norm == "linf"
-                    else grad / _l2(grad)
-                )
-                velocity = self.momentum * velocity + normed
-                grad = velocity
-            step = grad.sign() if self.norm == "linf" else grad / _l2(grad)
+            step = _unit(grad, self.norm)
+            if self.momentum > 0:  # RobustVLM: velocity of normalised gradients, re-normalised every step
+                velocity = _unit(self.momentum * velocity + step, self.norm)
+                step = velocity
             adv = adv + alpha * step
             delta = adv - x0
             delta = (
@@ -169,6 +175,10 @@ class PGD(Attack):
             )
             adv = (x0 + delta).clamp(0, 1)
         return adv.detach()
+
+
+def _unit(x: Tensor, norm: str) -> Tensor:
+    return x.sign() if norm == "linf" else x / _l2(x)
 
 
 def _l2(x: Tensor) -> Tensor:

@@ -222,8 +222,14 @@ class RetrievalDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.dataset={dataset!r} needs --data.root=<folder> (or --data.annotations=<file>)"
             )
-        if captions_per_image < 1:
-            raise ConfigError(f"data.captions_per_image={captions_per_image}: must be >= 1")
+        for key, value in (
+            ("captions_per_image", captions_per_image),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("max_eval_images", max_eval_images or 1),
+        ):
+            if value < 1:
+                raise ConfigError(f"data.{key}={value}: must be >= 1")
         # one_to_many is an object (its configuration is in the CLI's config.yaml), not a hyperparameter value.
         self.save_hyperparameters(logger=False, ignore=["one_to_many"])
         self.one_to_many = one_to_many
@@ -235,6 +241,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.image_size, self.num_workers = image_size, num_workers
         self.preload = dataset == "synthetic" if preload is None else preload
         self.records: dict[str, list[ImageCaptions]] = {}
+        self._split_files: dict[Path, str] = {}
         self.train_set: TrainSet | None = None
         self.eval_sets: dict[str, EvalSet] = {}
 
@@ -279,9 +286,16 @@ class RetrievalDataModule(L.LightningDataModule):
             if self.root is not None and self.dataset != "synthetic" and not Path(self.root).is_dir():
                 raise DataError(f"data folder not found: {self.root}. Check --data.root.")
             path = self.annotation_file(split)
-            karpathy_split = None if isinstance(self.annotations, dict) else split
             roots = self._image_roots(path)
-            records = read_annotations(path, roots[0], karpathy_split, self.format)
+            records = read_annotations(path, roots[0], split, self.format)
+            if all(r.split is None for r in records):  # an ALBEF-style file: one split per file
+                other = self._split_files.setdefault(path.resolve(), split)
+                if other != split:
+                    raise ConfigError(
+                        f"{path} has no split field (ALBEF layout), so it cannot serve both the {other!r} and the "
+                        f"{split!r} split: training would see the evaluation images. Give one file per split: "
+                        "--data.annotations='{train: ..., val: ..., test: ...}'"
+                    )
             for alt in roots[1:]:
                 if not records[0].image_path.is_file() and (alt / records[0].image_id).is_file():
                     for r in records:
@@ -312,6 +326,10 @@ class RetrievalDataModule(L.LightningDataModule):
             records = self.read_split(self.splits[stage])
             if self.max_eval_images is not None:
                 records = records[: self.max_eval_images]
+            if not records:
+                raise DataError(
+                    f"no evaluation images in split {self.splits[stage]!r} (max_eval_images={self.max_eval_images})"
+                )
             store = ImageStore([r.image_path for r in records], self._resolve_image_size(), self.preload)
             self.eval_sets[stage] = EvalSet(store, records)
         return self.eval_sets[stage]

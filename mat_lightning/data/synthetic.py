@@ -30,6 +30,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mat_lightning.errors import ConfigError
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Vocabulary. Each concept maps to the words that may name it; the first word is the canonical one.
 
@@ -392,7 +394,7 @@ def write_world(cfg: WorldConfig, root: str | Path) -> Path:
     Files are written to a temporary folder and renamed into place, so an interrupted run leaves no half world.
     """
     if cfg.n_colours * cfg.n_shapes < cfg.max_objects or not (1 <= cfg.min_objects <= cfg.max_objects):
-        raise ValueError(
+        raise ConfigError(
             f"WorldConfig: {cfg.n_colours} colours x {cfg.n_shapes} shapes cannot give {cfg.max_objects} distinct "
             f"objects per scene (min_objects={cfg.min_objects}); raise the inventories or lower max_objects"
         )

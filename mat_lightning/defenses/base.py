@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mat_lightning.attacks.base import Attack
 from mat_lightning.data.datamodule import RetrievalBatch
+from mat_lightning.errors import ConfigError
 from mat_lightning.losses import distributed_contrastive_loss
 from mat_lightning.models.encoder import VLEncoder
 
@@ -45,7 +46,7 @@ class Defense(nn.Module):
     def __init__(self, clean_weight: float = 0.0) -> None:
         super().__init__()
         if clean_weight < 0:
-            raise ValueError(f"clean_weight must be >= 0, got {clean_weight}")
+            raise ConfigError(f"defense clean_weight={clean_weight}: must be >= 0")
         self.clean_weight = clean_weight
 
     def attach(self, encoder: VLEncoder) -> None:
@@ -96,3 +97,8 @@ def timed(logs: dict[str, float], key: str = "attack_seconds") -> Iterator[None]
         yield
     finally:
         logs[key] = logs.get(key, 0.0) + time.perf_counter() - t0
+
+
+def changed_fraction(before: list[str], after: list[str]) -> float:
+    """Share of captions the text attack changed (logged as ``train/captions_changed``)."""
+    return sum(a != b for a, b in zip(before, after, strict=True)) / max(1, len(before))

@@ -15,6 +15,9 @@ class Clean(Defense):
 
     name = "clean"
 
+    def __init__(self) -> None:
+        super().__init__(clean_weight=0.0)
+
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
         loss = clip_loss(encoder, batch.images, batch.captions, batch)
         return DefenseOutput(loss, {"loss_clean": loss.item()})

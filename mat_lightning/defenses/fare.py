@@ -5,7 +5,8 @@ Loss ``‖f_θ(x + δ) − f_orig(x)‖²`` on **unnormalised** embeddings (sum 
 is trained, so the text tower (and the captions) play no part. The frozen copy is a submodule: it is saved in
 checkpoints (a resumed run keeps the *original* reference) and moved with the model.
 
-The inner attack defaults to RobustVLM's README setting: L∞ PGD, 10 steps of 1/255 with momentum 0.9, at ε = 2/255.
+The inner attack defaults to RobustVLM's README setting: L∞ PGD, 10 steps of 1/255 with momentum 0.9 (which, in
+RobustVLM's formulation, does not change an L∞ attack), at ε = 2/255.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mat_lightning.attacks.objectives import Guidance, embedding_l2
 from mat_lightning.attacks.pgd import PGD
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.defenses.base import Defense, DefenseOutput, timed
+from mat_lightning.errors import ConfigError
 from mat_lightning.losses import fare_loss
 from mat_lightning.models.encoder import VLEncoder
 
@@ -28,7 +30,8 @@ class FARE(Defense):
 
     Args:
         attack: budget and step rule of the inner PGD; its objective is replaced by the embedding distance.
-        clean_weight: weight of the same distance on clean images (RobustVLM ``--clean_weight``).
+        clean_weight: ``cw`` of RobustVLM's ``--clean_weight``: the loss is ``cw·clean + (1 − cw)·adversarial``
+            (a convex mix, unlike the other defenses' ``adversarial + cw·clean``); in [0, 1].
     """
 
     name = "fare"
@@ -36,6 +39,10 @@ class FARE(Defense):
 
     def __init__(self, attack: PGD | None = None, clean_weight: float = 0.0) -> None:
         super().__init__(clean_weight)
+        if clean_weight > 1:
+            raise ConfigError(
+                f"FARE clean_weight={clean_weight}: RobustVLM's convex mix needs a value in [0, 1]"
+            )
         self.attack = attack if attack is not None else PGD(eps_255=2, steps=10, step_255=1, momentum=0.9)
         self.reference: VLEncoder | None = None
 
@@ -61,6 +68,10 @@ class FARE(Defense):
                 encoder, batch.images, embedding_l2, Guidance(reference_emb=reference), normalize=False
             )
         loss_adv = fare_loss(encoder.encode_image(adv, normalize=False), reference)
-        return self.with_clean_term(
-            loss_adv, lambda: fare_loss(encoder.encode_image(batch.images, normalize=False), reference), logs
-        )
+        logs["loss_adv"] = loss_adv.item()
+        if self.clean_weight == 0:
+            return DefenseOutput(loss_adv, logs)
+        # RobustVLM's --clean_weight is a convex mix: cw * clean + (1 - cw) * adversarial.
+        loss_clean = fare_loss(encoder.encode_image(batch.images, normalize=False), reference)
+        logs["loss_clean"] = loss_clean.item()
+        return DefenseOutput(self.clean_weight * loss_clean + (1 - self.clean_weight) * loss_adv, logs)

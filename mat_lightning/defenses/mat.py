@@ -24,7 +24,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from mat_lightning.attacks.bert_attack import BertAttack
 from mat_lightning.attacks.pgd import PGD
 from mat_lightning.data.datamodule import RetrievalBatch
-from mat_lightning.defenses.base import Defense, DefenseOutput, clip_loss, timed
+from mat_lightning.defenses.base import Defense, DefenseOutput, changed_fraction, clip_loss, timed
+from mat_lightning.errors import ConfigError
 from mat_lightning.models.encoder import VLEncoder
 
 
@@ -49,7 +50,7 @@ class MAT(Defense):
     ) -> None:
         super().__init__(clean_weight)
         if order not in ("text_first", "image_first"):
-            raise ValueError(f"order must be text_first or image_first, got {order!r}")
+            raise ConfigError(f"MAT order={order!r}: use text_first or image_first")
         self.text_attack = text_attack if text_attack is not None else BertAttack(max_words=1)
         self.image_attack = image_attack if image_attack is not None else PGD(eps_255=2, steps=2, step_255=1)
         self.order = order
@@ -69,9 +70,7 @@ class MAT(Defense):
         logs: dict[str, float] = {}
         with timed(logs):
             adv_images, adv_captions = self.adversarial_pair(encoder, batch)
-        logs["captions_changed"] = sum(
-            a != b for a, b in zip(adv_captions, batch.captions, strict=True)
-        ) / len(adv_captions)
+        logs["captions_changed"] = changed_fraction(batch.captions, adv_captions)
         loss_adv = clip_loss(encoder, adv_images, adv_captions, batch)
         return self.with_clean_term(
             loss_adv, lambda: clip_loss(encoder, batch.images, batch.captions, batch), logs

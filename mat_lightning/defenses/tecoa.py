@@ -10,10 +10,9 @@ twice in a batch (same ``image_id``) form one class.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mat_lightning.attacks.base import attacking
-from mat_lightning.attacks.objectives import Guidance, cross_entropy
+from mat_lightning.attacks.objectives import Guidance, caption_prototypes, cross_entropy
 from mat_lightning.attacks.pgd import PGD
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.defenses.base import Defense, DefenseOutput, timed
@@ -39,14 +38,9 @@ class TeCoA(Defense):
     @torch.no_grad()
     def classes(self, encoder: VLEncoder, batch: RetrievalBatch) -> Guidance:
         """Caption-set prototypes (one per distinct image) and each row's label."""
-        ids, labels = torch.unique(batch.image_ids, return_inverse=True)
         text = encoder.encode_text(batch.captions)  # (T, D); the text tower is frozen in TeCoA
-        proto = torch.zeros(len(ids), text.shape[1], device=text.device).index_add(
-            0, labels[batch.txt2img], text
-        )
-        return Guidance(
-            class_emb=F.normalize(proto, dim=-1), labels=labels, logit_scale=encoder.logit_scale.detach()
-        )
+        class_emb, labels = caption_prototypes(text, batch.txt2img, len(batch), batch.image_ids)
+        return Guidance(class_emb=class_emb, labels=labels, logit_scale=encoder.logit_scale.detach())
 
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
         g = self.classes(encoder, batch)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mat_lightning.attacks.bert_attack import BertAttack
 from mat_lightning.data.datamodule import RetrievalBatch
-from mat_lightning.defenses.base import Defense, DefenseOutput, clip_loss, timed
+from mat_lightning.defenses.base import Defense, DefenseOutput, changed_fraction, clip_loss, timed
 from mat_lightning.models.encoder import VLEncoder
 
 
@@ -30,9 +30,7 @@ class TextAT(Defense):
         logs: dict[str, float] = {}
         with timed(logs):
             adv_captions = self.attack(encoder, batch.images, batch.captions, batch.txt2img).captions
-        logs["captions_changed"] = sum(
-            a != b for a, b in zip(adv_captions, batch.captions, strict=True)
-        ) / len(adv_captions)
+        logs["captions_changed"] = changed_fraction(batch.captions, adv_captions)
         loss_adv = clip_loss(encoder, batch.images, adv_captions, batch)
         return self.with_clean_term(
             loss_adv, lambda: clip_loss(encoder, batch.images, batch.captions, batch), logs

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 NO_POSITIVE = torch.iinfo(torch.long).max  # rank of a query with nothing to find: a miss at every K
-METRIC_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
 
 
 @dataclass
@@ -39,10 +38,6 @@ class RetrievalRanks:
 
     tr: Tensor
     ir: Tensor
-
-    def hits(self, k: int) -> tuple[Tensor, Tensor]:
-        """bool[n_img], bool[n_txt]: which queries are hits at K."""
-        return self.tr < k, self.ir < k
 
 
 def _check_inputs(sim: Tensor, txt2img: Tensor) -> None:

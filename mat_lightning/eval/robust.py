@@ -108,10 +108,26 @@ def robust_retrieval(
         export_dir: write each attacked split there (``<attack>_eps<ε>/images/*.png|.pt`` + ``captions.json``).
 
     Returns:
-        Rows ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_*", "asr_flip_*", "seconds"}``; the first is
-        ``clean``.
+        Rows ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_*", "asr_flip_*", "seconds"}``: first
+        ``clean``, then per attack its configured budget, then the other budgets of the grid.
     """
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    if torch.is_inference_mode_enabled():
+        raise ConfigError("robust evaluation needs autograd: call it outside torch.inference_mode()")
+    names = [a.name for a in attacks]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"attack names must be unique in one evaluation (results are keyed by name): {names}"
+        )
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        return _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir)
+    finally:
+        encoder.train(was_training)
+
+
+def _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir) -> list[dict]:
     clean_ranks, seconds, _, _ = _encode_split(encoder, loader, None, device, "clean", progress)
     rows = [
         {
@@ -123,8 +139,10 @@ def robust_retrieval(
     ]
     for attack in attacks:
         variants = [attack]
-        if eps_255_grid and attack.eps_255 is not None:
-            variants = [attack.with_eps(float(e)) for e in eps_255_grid]
+        if (
+            eps_255_grid and attack.eps_255 is not None
+        ):  # the configured budget first: it is the attack's headline row
+            variants += [attack.with_eps(float(e)) for e in eps_255_grid if float(e) != attack.eps_255]
         for variant in variants:
             tag = f"{variant.name}_eps{variant.eps_255:g}" if variant.eps_255 is not None else variant.name
             export = Path(export_dir) / tag if export_dir is not None else None
@@ -181,6 +199,15 @@ class RobustRetrievalEval(L.Callback):
             raise ConfigError(
                 "RobustRetrievalEval needs gradients at test time: set trainer.inference_mode: false "
                 "(conf/base.yaml does; did a config override it?)"
+            )
+        if self.export_dir is not None and trainer.world_size > 1:
+            raise ConfigError(
+                "robust_eval.export_dir works on one process: run mat robust-eval with --trainer.devices=1"
+            )
+        names = [a.name for a in self.attacks]
+        if len(set(names)) != len(names):
+            raise ConfigError(
+                f"robust_eval.attacks must have distinct names (results are keyed by name): {names}"
             )
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -251,6 +278,8 @@ class RobustRetrievalEval(L.Callback):
             "split": dm.splits["test"] if dm is not None and hasattr(dm, "splits") else None,
             "n_images": len(eval_set) if eval_set is not None else None,
             "n_captions": len(eval_set.captions) if eval_set is not None else None,
+            # batch composition matters to the supervised (contrastive) attacks: negatives come from the batch
+            "eval_batch_size": getattr(dm, "eval_batch_size", None),
             "checkpoint": getattr(trainer, "ckpt_path", None),
             "seed": self.seed,
             "rows": self.rows,

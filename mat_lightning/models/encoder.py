@@ -113,7 +113,6 @@ class OpenClipEncoder(VLEncoder):
             self.model = open_clip.create_model(
                 model_name,
                 pretrained=resolved,
-                pretrained_image_path=vision_checkpoint,
                 cache_dir=cache_dir,
                 pretrained_text=False,
             )
@@ -123,6 +122,8 @@ class OpenClipEncoder(VLEncoder):
                 "Offline? Weights cannot be downloaded here: pass a local checkpoint file as "
                 "--model.encoder.init_args.pretrained, or 'synthetic' for the synthetic world."
             ) from e
+        if vision_checkpoint is not None:
+            load_vision_checkpoint(self.model.visual, vision_checkpoint)
         self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
         pp = open_clip.get_model_preprocess_cfg(self.model)
         size = pp.get("size", self.model.visual.image_size)
@@ -132,7 +133,7 @@ class OpenClipEncoder(VLEncoder):
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.model_name} expects {self.image_size}x{self.image_size} images, got {tuple(images.shape)}; "
                 "the data module resizes to encoder.image_size"
             )
@@ -156,6 +157,40 @@ class OpenClipEncoder(VLEncoder):
     def text_parameters(self) -> Iterator[nn.Parameter]:
         vision = {id(p) for p in self.model.visual.parameters()}
         return (p for n, p in self.model.named_parameters() if id(p) not in vision and n != "logit_scale")
+
+
+def load_vision_checkpoint(visual: nn.Module, path: str) -> None:
+    """Load image-tower weights strictly (open_clip's own loader only warns on a missing file or wrong keys).
+
+    Accepts a plain state dict of the tower, RobustVLM/TeCoA files (``vision_encoder_state_dict``), Lightning-style
+    wrappers (``state_dict``/``model``), and keys prefixed with ``module.``, ``visual.`` or ``model.visual.``.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"vision_checkpoint={path!r}: no such file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise ConfigError(f"vision_checkpoint={path!r} cannot be read as a torch checkpoint ({e})") from None
+    for key in ("vision_encoder_state_dict", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ConfigError(f"vision_checkpoint={path!r} holds a {type(state).__name__}, not a state dict")
+    prefixes = ("module.", "encoder.model.visual.", "model.visual.", "visual.")
+    cleaned = {}
+    for k, v in state.items():
+        for prefix in prefixes:
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        cleaned[k] = v
+    missing, unexpected = visual.load_state_dict(cleaned, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"vision_checkpoint={path!r} does not fit this model's image tower: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is model_name right?"
+        )
 
 
 def _looks_like_tag(spec: str) -> bool:
