@@ -49,13 +49,15 @@ def test_eps_grid_and_text_attacks(tiny_encoder):
     rows = robust_retrieval(
         tiny_encoder, dl, [PGD(steps=2), BertAttack(mlm="synthetic:tiny", top_k=3)], [1, 4], progress=False
     )
+    # the configured budget (2) comes first: it is the attack's headline row; then the grid
     assert [(r["attack"], r["eps_255"]) for r in rows] == [
         ("clean", 0.0),
+        ("pgd", 2.0),
         ("pgd", 1.0),
         ("pgd", 4.0),
         ("bert_attack", None),
     ]
-    assert rows[2]["r_mean"] <= rows[1]["r_mean"] + 1e-9  # a larger budget never helps the model here
+    assert rows[3]["r_mean"] <= rows[2]["r_mean"] + 1e-9  # a larger budget never helps the model here
 
 
 def test_export_writes_a_reusable_adversarial_set(tiny_encoder, tmp_path):
