@@ -1,6 +1,6 @@
 """The ``mat`` command: a LightningCLI (``fit | validate | test | robust-eval``) plus ``data check`` and ``report``.
 
-* ``mat fit --config experiments/smoke.yaml [--model.lr=1e-4 ...]``: train, then test the best checkpoint with the
+* ``mat fit --config experiments/smoke.yaml [--model.lr=1e-4 ...]``: train, then test the final weights with the
   robust evaluation callback (``robust_eval:`` in the config).
 * ``mat robust-eval --config <experiment.yaml> [--ckpt_path <file>] [--export DIR]``: the robust evaluation alone,
   on any checkpoint (or on the configured encoder's starting weights without ``--ckpt_path``), optionally writing the
@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -66,6 +67,12 @@ class MatCLI(LightningCLI):
             default="runs",
             help="Folder that holds <experiment>/<timestamp>/ run folders.",
         )
+        parser.add_argument(
+            "--test_ckpt",
+            type=Literal["last", "best"],
+            default="last",
+            help="After fit, test the final weights (last) or the best checkpoint by clean validation recall (best).",
+        )
         parser.add_lightning_class_args(RobustRetrievalEval, "robust_eval")
         parser.link_arguments("experiment", "robust_eval.experiment")
 
@@ -107,15 +114,20 @@ class MatCLI(LightningCLI):
         rank_zero_info(f"run folder: {run_dir}")
 
     def after_fit(self) -> None:
-        """Test the best checkpoint (with the robust evaluation) once training is done."""
-        ckpt = self.trainer.checkpoint_callback
-        best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
-        if not best:
-            rank_zero_warn(
-                "no best checkpoint recorded (no ModelCheckpoint monitoring val?): testing the last weights"
-            )
+        """Test (with the robust evaluation) the final weights, or the best checkpoint with --test_ckpt=best.
+
+        The final model is what the robustness papers evaluate: selecting by clean validation recall would favour
+        the least adversarially trained checkpoint of every defense that trades clean recall for robustness.
+        """
+        cfg = self.config[self.subcommand]
+        ckpt_path = None  # the weights as training left them
+        if cfg.test_ckpt == "best":
+            callback = self.trainer.checkpoint_callback
+            ckpt_path = getattr(callback, "best_model_path", "") or None
+            if ckpt_path is None:
+                rank_zero_warn("--test_ckpt=best but no best checkpoint was recorded: testing the final weights")
         # verbose=False: RobustRetrievalEval prints a compact table instead of one line per logged scalar
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
 
 
 def check_checkpoint(path: str) -> None:
