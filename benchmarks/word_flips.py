@@ -33,13 +33,17 @@ def main() -> None:
     from mat_lightning.models.encoder import OpenClipEncoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default=None, help="a MatModule checkpoint (default: the pretrained tiny CLIP)")
+    parser.add_argument(
+        "--ckpt", default=None, help="a MatModule checkpoint (default: the pretrained tiny CLIP)"
+    )
     parser.add_argument("--preset", default="default")
     args = parser.parse_args()
     encoder = OpenClipEncoder("mat-tiny", pretrained=str(world.ensure_clip(args.preset))).eval()
     if args.ckpt:
         state = torch.load(args.ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        encoder.load_state_dict({k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")})
+        encoder.load_state_dict(
+            {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        )
     images, caps = world.load_split(args.preset, "test")
     x = images.float() / 255
     flat = [c for cs in caps for c in cs]
@@ -76,8 +80,13 @@ def main() -> None:
         for a, b in zip(before.split(" "), after.split(" "), strict=True):
             if a != b:
                 ka, kb = word_class.get(a), word_class.get(b)
-                kinds["colour->colour" if ka and kb and ka[0] == kb[0] == "colour" else
-                      "shape->shape" if ka and kb and ka[0] == kb[0] == "shape" else "other"] += 1
+                kinds[
+                    "colour->colour"
+                    if ka and kb and ka[0] == kb[0] == "colour"
+                    else "shape->shape"
+                    if ka and kb and ka[0] == kb[0] == "shape"
+                    else "other"
+                ] += 1
     total = sum(kinds.values())
     out["bert_attack"] = recall(adv)
     out["bert_attack_substitutions"] = {k: f"{100 * v / total:.1f}%" for k, v in kinds.most_common()}

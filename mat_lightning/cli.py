@@ -125,7 +125,9 @@ class MatCLI(LightningCLI):
             callback = self.trainer.checkpoint_callback
             ckpt_path = getattr(callback, "best_model_path", "") or None
             if ckpt_path is None:
-                rank_zero_warn("--test_ckpt=best but no best checkpoint was recorded: testing the final weights")
+                rank_zero_warn(
+                    "--test_ckpt=best but no best checkpoint was recorded: testing the final weights"
+                )
         # verbose=False: RobustRetrievalEval prints a compact table instead of one line per logged scalar
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
 

@@ -85,3 +85,16 @@ def test_vision_checkpoint_errors_are_named(tmp_path, random_encoder):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(other.encode_image(x), random_encoder.encode_image(x))
+
+
+def test_word_cached_tokenizer_equals_open_clip(random_encoder, flickr_test_json, tiny_test_split):
+    from mat_lightning.data.formats import read_annotations
+
+    captions = [c for r in read_annotations(flickr_test_json, "/") for c in r.captions]
+    captions += [c for caps in tiny_test_split[1] for c in caps]
+    captions += [
+        "  double  space,and comma",
+        "Café &amp; naïve",
+        "a " * 40,
+    ]  # odd spacing, unicode, truncation
+    torch.testing.assert_close(random_encoder.tokenize(captions), random_encoder.tokenizer(captions))

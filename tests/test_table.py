@@ -12,9 +12,11 @@ from mat_lightning.eval.table import build_table
 
 def write_run(folder, experiment, seed, tr1, pgd_tr1):
     folder.mkdir(parents=True)
-    rows = [{"attack": "clean", "eps_255": 0.0, "tr_r1": tr1, "ir_r1": tr1 - 10},
-            {"attack": "pgd", "eps_255": 2.0, "tr_r1": pgd_tr1, "ir_r1": pgd_tr1 - 5},
-            {"attack": "pgd", "eps_255": 8.0, "tr_r1": 0.0, "ir_r1": 0.0}]  # a grid row: not the headline
+    rows = [
+        {"attack": "clean", "eps_255": 0.0, "tr_r1": tr1, "ir_r1": tr1 - 10},
+        {"attack": "pgd", "eps_255": 2.0, "tr_r1": pgd_tr1, "ir_r1": pgd_tr1 - 5},
+        {"attack": "pgd", "eps_255": 8.0, "tr_r1": 0.0, "ir_r1": 0.0},
+    ]  # a grid row: not the headline
     (folder / "results.json").write_text(json.dumps({"experiment": experiment, "seed": seed, "rows": rows}))
 
 
@@ -34,7 +36,10 @@ def test_mean_and_std_over_seeds(tmp_path, capsys):
     assert by_name["clean"][1:] == ["1", "70.0", "60.0", "20.0", "15.0"]
     csv = (tmp_path / "out" / "table.csv").read_text().splitlines()
     assert csv[0] == "experiment,attack,metric,n,mean,std" and len(csv) == 1 + 8
-    assert any(r["experiment"] == "mat" and r["metric"] == "tr_r1" and r["mean"] == pytest.approx(32.0) for r in records)
+    assert any(
+        r["experiment"] == "mat" and r["metric"] == "tr_r1" and r["mean"] == pytest.approx(32.0)
+        for r in records
+    )
 
 
 def test_report_errors(tmp_path, capsys):

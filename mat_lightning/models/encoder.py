@@ -22,6 +22,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from mat_lightning.errors import ConfigError
@@ -125,6 +126,7 @@ class OpenClipEncoder(VLEncoder):
         if vision_checkpoint is not None:
             load_vision_checkpoint(self.model.visual, vision_checkpoint)
         self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+        self._word_ids: dict[str, list[int]] = {}
         pp = open_clip.get_model_preprocess_cfg(self.model)
         size = pp.get("size", self.model.visual.image_size)
         self.image_size = int(size[0] if isinstance(size, list | tuple) else size)
@@ -141,8 +143,30 @@ class OpenClipEncoder(VLEncoder):
         return self.model.encode_image(pixels, normalize=normalize)
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
-        """``long[T, context_length]`` token ids on the model's device."""
-        return self.tokenizer(list(texts)).to(self.image_mean.device)
+        """``long[T, context_length]`` token ids on the model's device.
+
+        For CLIP's BPE tokenizer, words are tokenised once and cached: its pre-tokenisation never crosses
+        whitespace, so a caption's ids are its words' ids joined (tests check this against open_clip on real
+        captions). Text attacks encode tens of thousands of one-word variants, where open_clip's per-string
+        cleaning (ftfy) would otherwise dominate the cost.
+        """
+        tok = self.tokenizer
+        if not isinstance(tok, SimpleTokenizer) or tok.reduction_fn is not None:
+            return tok(list(texts)).to(self.image_mean.device)
+        n = tok.context_length
+        rows = []
+        for text in texts:
+            ids = [tok.sot_token_id]
+            for word in text.split():
+                word_ids = self._word_ids.get(word)
+                if word_ids is None:
+                    word_ids = self._word_ids[word] = tok.encode(word)
+                ids += word_ids
+            ids = ids[: n - 1] + [
+                tok.eot_token_id
+            ]  # truncate as open_clip does: the last slot is end-of-text
+            rows.append(ids + [0] * (n - len(ids)))
+        return torch.tensor(rows, dtype=torch.long, device=self.image_mean.device)
 
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
         return self.model.encode_text(self.tokenize(texts), normalize=normalize)
