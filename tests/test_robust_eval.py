@@ -118,11 +118,17 @@ def test_mat_robust_eval_on_a_checkpoint(tmp_path, tiny_clip_path):
             "--experiment=ft",
             "--run_root",
             str(tmp_path),
-            "--trainer.max_epochs=1",
+            "--trainer.max_epochs=3",
             "--trainer.limit_train_batches=1",
+            # lr 0: validation recall never improves after epoch 0, the case where Lightning's save_last kept
+            # the first epoch as last.ckpt
+            "--model.lr=0",
         ]
     )
     ckpt = next((tmp_path / "ft").glob("*/checkpoints/last.ckpt"))
+    (best,) = ckpt.parent.glob("epoch00-step*.ckpt")  # the best by clean recall, kept beside last.ckpt
+    steps = [torch.load(f, map_location="cpu", weights_only=False)["global_step"] for f in (best, ckpt)]
+    assert steps[1] == 3 * steps[0] > 0  # last.ckpt holds the final weights, after epoch 3
     main(
         [
             "robust-eval",
