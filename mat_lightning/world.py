@@ -21,12 +21,14 @@ import fcntl
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mat_lightning.data.synthetic import ANNOTATION_FILE, FORMAT_VERSION, WorldConfig, write_world
@@ -83,6 +85,22 @@ def _locked(name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _own_random_streams() -> Iterator[None]:
+    """Build an asset without advancing the caller's random streams (Python, NumPy, torch).
+
+    A cold run builds the assets inside the process that then trains under ``seed_everything``; a warm run loads
+    them. Without this, building would consume the seeded streams and the two runs would train differently.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):  # assets are built on the CPU
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 def _digest(*parts: object) -> str:
     import hashlib
 
@@ -100,7 +118,7 @@ def ensure_world(name: str = "default") -> Path:
     ann = root / ANNOTATION_FILE
     if ann.is_file():
         return ann
-    with _locked(root.name):
+    with _locked(root.name), _own_random_streams():
         if not ann.is_file():
             t0 = time.time()
             log.info("generating the synthetic world %r into %s", name, root)
@@ -133,7 +151,7 @@ def ensure_clip(name: str = "default") -> Path:
     path = clip_path(name)
     if path.is_file():
         return path
-    with _locked(path.stem):
+    with _locked(path.stem), _own_random_streams():
         if not path.is_file():
             from mat_lightning.models.encoder import OpenClipEncoder
             from mat_lightning.models.pretrain import clean_recall, pretrain_clip
@@ -184,7 +202,7 @@ def ensure_mlm(name: str = "default") -> Path:
     path = mlm_dir(name)
     if (path / "config.json").is_file():
         return path
-    with _locked(path.name):
+    with _locked(path.name), _own_random_streams():
         if not (path / "config.json").is_file():
             import shutil
 
@@ -253,9 +271,8 @@ def ensure_augmentations(name: str = "default") -> Path:
     if (root / "manifest.json").is_file():
         return root
     ann = ensure_world(name)
-    with _locked(root.name):
+    with _locked(root.name), _own_random_streams():
         if not (root / "manifest.json").is_file():
-            import random
             import shutil
             from functools import partial
 

@@ -100,3 +100,27 @@ def test_thesaurus_is_symmetric():
     assert "crimson" in th["red"] and "red" in th["crimson"]
     for w, syns in th.items():
         assert w not in syns
+
+
+def test_building_the_cached_assets_leaves_the_seeded_streams_alone(tmp_path, monkeypatch):
+    """A cold run (which builds world, CLIP and MLM in-process) must train like a warm run under the same seed."""
+    import torch
+
+    from mat_lightning import world
+    from mat_lightning.models.pretrain import PretrainConfig
+
+    monkeypatch.setenv("MAT_CACHE_DIR", str(tmp_path))
+    small = world.Preset(
+        S.WorldConfig(seed=3, n_train=24, n_val=4, n_test=8), PretrainConfig(steps=2, batch_size=8), mlm_steps=2
+    )
+    monkeypatch.setitem(world.PRESETS, "rng-test", small)
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    expected = draws()
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    built = [world.ensure_world("rng-test"), world.ensure_clip("rng-test"), world.ensure_mlm("rng-test")]
+    assert all(str(p).startswith(str(tmp_path)) and p.exists() for p in built)  # built here, not loaded
+    assert draws() == expected
