@@ -111,7 +111,9 @@ def test_building_the_cached_assets_leaves_the_seeded_streams_alone(tmp_path, mo
 
     monkeypatch.setenv("MAT_CACHE_DIR", str(tmp_path))
     small = world.Preset(
-        S.WorldConfig(seed=3, n_train=24, n_val=4, n_test=8), PretrainConfig(steps=2, batch_size=8), mlm_steps=2
+        S.WorldConfig(seed=3, n_train=24, n_val=4, n_test=8),
+        PretrainConfig(steps=2, batch_size=8),
+        mlm_steps=2,
     )
     monkeypatch.setitem(world.PRESETS, "rng-test", small)
 
