@@ -66,6 +66,7 @@ benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations 
 	done; \
 	echo "benchmark wall time: $$(( ($$(date +%s) - start) / 60 )) min"
 	$(MAT) report $(BENCH_ROOT) --out $(BENCH_ROOT) --attacks clean pgd bert_attack sep_attack co_attack sga
+	$(MAT) report $(BENCH_ROOT) --out $(BENCH_ROOT)/r10 --metrics tr_r10 ir_r10 --attacks clean pgd bert_attack sep_attack co_attack sga
 
 bench:  ## Speed/memory benchmarks, reported as ratios measured side by side
 	$(PY) -m benchmarks.run
