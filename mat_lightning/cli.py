@@ -29,7 +29,7 @@ from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.errors import ConfigError, MatError
 from mat_lightning.eval.robust import RobustRetrievalEval
 from mat_lightning.logging import SaveConfigToWandb
-from mat_lightning.module import MatModule
+from mat_lightning.module import NOT_A_MAT_CHECKPOINT, MatModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "conf" / "base.yaml"
@@ -143,10 +143,7 @@ def check_checkpoint(path: str) -> None:
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
         raise ConfigError(f"--ckpt_path {path} cannot be read as a torch checkpoint ({e})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(
-            f"--ckpt_path {path} is not a Lightning checkpoint of MatModule (no 'state_dict'). To evaluate open_clip "
-            "weights, pass the file as --model.encoder.init_args.pretrained (a vision tower: vision_checkpoint)."
-        )
+        raise ConfigError(f"--ckpt_path {path} {NOT_A_MAT_CHECKPOINT}")
 
 
 def new_run_dir(parent: Path) -> str:
@@ -184,9 +181,7 @@ def _export_alias(args: list[str]) -> list[str]:
 
 def _print_error(e: BaseException) -> None:
     msg = str(e)
-    if (
-        "Original Traceback" in msg
-    ):  # raised in a DataLoader worker: keep the error line, not the worker's trace
+    if "Original Traceback" in msg:  # from a DataLoader worker: keep the error line, not the worker's trace
         msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
     print(f"error: {msg}", file=sys.stderr)
 

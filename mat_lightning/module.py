@@ -25,6 +25,11 @@ from mat_lightning.eval.retrieval import recall_at_k
 from mat_lightning.models.encoder import VLEncoder
 from mat_lightning.models.pretrain import param_groups, warmup_cosine
 
+NOT_A_MAT_CHECKPOINT = (
+    "is not a Lightning checkpoint of MatModule (no 'state_dict'). To evaluate open_clip weights, pass the file as "
+    "--model.encoder.init_args.pretrained (a vision tower: vision_checkpoint)."
+)
+
 
 class MatModule(L.LightningModule):
     """Fine-tunes ``encoder`` with ``defense``.
@@ -80,10 +85,7 @@ class MatModule(L.LightningModule):
         """
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
-            raise ConfigError(
-                "--ckpt_path is not a Lightning checkpoint of MatModule (no 'state_dict'). To evaluate open_clip "
-                "weights, pass the file as --model.encoder.init_args.pretrained (a vision tower: vision_checkpoint)."
-            )
+            raise ConfigError(f"--ckpt_path {NOT_A_MAT_CHECKPOINT}")
         own = self.state_dict()
         for key in [k for k in state if k.startswith("defense.") and k not in own]:
             del state[key]

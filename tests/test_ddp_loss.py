@@ -44,9 +44,8 @@ def test_ddp_loss_matches_single_process():
     g = torch.Generator().manual_seed(0)
     img = F.normalize(torch.randn(8, 6, generator=g), dim=-1)
     txt = F.normalize(torch.randn(16, 6, generator=g), dim=-1)
-    txt2img = torch.arange(8).repeat_interleave(
-        2
-    )  # 2 captions per image, each rank holds 4 images + 8 captions
+    # 2 captions per image, each rank holds 4 images + 8 captions
+    txt2img = torch.arange(8).repeat_interleave(2)
     ids = torch.tensor([10, 11, 12, 13, 20, 11, 22, 23])  # image 11 on both ranks: a positive across ranks
     manager = mp.Manager()
     results = manager.dict()

@@ -119,7 +119,6 @@ def test_mat_robust_eval_on_a_checkpoint(tmp_path, tiny_clip_path):
             "--run_root",
             str(tmp_path),
             "--trainer.max_epochs=3",
-            "--trainer.limit_train_batches=1",
             # lr 0: validation recall never improves after epoch 0, the case where Lightning's save_last kept
             # the first epoch as last.ckpt
             "--model.lr=0",

@@ -51,9 +51,7 @@ class _Composed(Attack):
             else PGD(eps_255=2.0, steps=10, step_255=step_255)
         )
         self.text_attack = text_attack.clone() if text_attack is not None else BertAttack()
-        if (
-            seed is not None
-        ):  # the composite's seed governs the randomness of its parts (random start, SGA noise)
+        if seed is not None:  # the composite's seed governs its parts' randomness (random start, SGA noise)
             self.image_attack.seed = self.text_attack.seed = seed
 
     @property

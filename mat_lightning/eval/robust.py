@@ -114,17 +114,21 @@ def robust_retrieval(
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     if torch.is_inference_mode_enabled():
         raise ConfigError("robust evaluation needs autograd: call it outside torch.inference_mode()")
-    names = [a.name for a in attacks]
-    if len(set(names)) != len(names):
-        raise ConfigError(
-            f"attack names must be unique in one evaluation (results are keyed by name): {names}"
-        )
+    check_distinct_names(attacks)
     was_training = encoder.training
     encoder.eval()
     try:
         return _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir)
     finally:
         encoder.train(was_training)
+
+
+def check_distinct_names(attacks: Sequence[Attack]) -> None:
+    names = [a.name for a in attacks]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"robust_eval.attacks must have distinct names (results are keyed by name): {names}"
+        )
 
 
 def _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir) -> list[dict]:
@@ -139,9 +143,8 @@ def _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, e
     ]
     for attack in attacks:
         variants = [attack]
-        if (
-            eps_255_grid and attack.eps_255 is not None
-        ):  # the configured budget first: it is the attack's headline row
+        if eps_255_grid and attack.eps_255 is not None:
+            # the configured budget first: it is the attack's headline row
             variants += [attack.with_eps(float(e)) for e in eps_255_grid if float(e) != attack.eps_255]
         for variant in variants:
             tag = f"{variant.name}_eps{variant.eps_255:g}" if variant.eps_255 is not None else variant.name
@@ -204,11 +207,7 @@ class RobustRetrievalEval(L.Callback):
             raise ConfigError(
                 "robust_eval.export_dir works on one process: run mat robust-eval with --trainer.devices=1"
             )
-        names = [a.name for a in self.attacks]
-        if len(set(names)) != len(names):
-            raise ConfigError(
-                f"robust_eval.attacks must have distinct names (results are keyed by name): {names}"
-            )
+        check_distinct_names(self.attacks)  # before training, not after it
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loader = trainer.test_dataloaders

@@ -162,9 +162,8 @@ class OpenClipEncoder(VLEncoder):
                 if word_ids is None:
                     word_ids = self._word_ids[word] = tok.encode(word)
                 ids += word_ids
-            ids = ids[: n - 1] + [
-                tok.eot_token_id
-            ]  # truncate as open_clip does: the last slot is end-of-text
+            # truncate as open_clip does: the last slot is end-of-text
+            ids = ids[: n - 1] + [tok.eot_token_id]
             rows.append(ids + [0] * (n - len(ids)))
         return torch.tensor(rows, dtype=torch.long, device=self.image_mean.device)
 
