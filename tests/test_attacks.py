@@ -449,3 +449,22 @@ def test_multi_subword_candidates_as_the_reference(flickr_mlm, tiny_encoder):
         assert prep.candidates[t][j] == expected
         spaced += any(" " in c for c in expected)
     assert spaced > 0  # multi-word candidates occur and keep their spaces
+
+
+def test_pgd_one_sided_random_start_is_co_attacks(tiny_encoder):
+    """Co-Attack's code starts from x + U(0, eps); ours maps the same U(-eps, eps) draw by u -> (u + eps) / 2."""
+    x = torch.full((3, 3, 64, 64), 0.5)
+    captions, txt2img = ["a red disc", "a blue box", "a green star"], torch.arange(3)
+    eps = 4 / 255
+    sym = A.PGD(eps_255=4, steps=0, random_start="symmetric", seed=3)(tiny_encoder, x, captions, txt2img).images
+    one = A.PGD(eps_255=4, steps=0, random_start="one_sided", seed=3)(tiny_encoder, x, captions, txt2img).images
+    none = A.PGD(eps_255=4, steps=0, random_start=False)(tiny_encoder, x, captions, txt2img).images
+    assert (one - x).min() >= 0 and (one - x).max() <= eps + 1e-7 and (one - x).mean() > eps / 4
+    assert (sym - x).min() < 0
+    torch.testing.assert_close(one - x, ((sym - x) + eps) / 2)
+    assert torch.equal(none, x)
+    assert A.PGD(random_start=True).random_start == "symmetric"
+    with pytest.raises(ConfigError, match="one_sided"):
+        A.PGD(norm="l2", random_start="one_sided")
+    with pytest.raises(ConfigError, match="random_start"):
+        A.PGD(random_start="both")

@@ -3,6 +3,10 @@
 Follows torchattacks' ``PGD`` (random start ``U(-ε, ε)`` clamped to [0, 1], ``x += α·sign(∇)``, projection to the
 ε-ball then to [0, 1], last iterate returned) and adds what the VL robustness papers use:
 
+* ``random_start="one_sided"``: Co-Attack's code starts from ``x + U(0, ε)`` (``uniform_(0, 1)·ε``), not from the
+  symmetric ball; this reproduces it (as the draw ``U(-ε, ε)`` mapped by ``u -> (u + ε) / 2``, so both starts use
+  the same random numbers). Unlike Co-Attack we clamp the start to [0, 1] before the first forward;
+
 * ``norm="l2"`` (step along the L2-normalised gradient, projection onto the L2 ball);
 * ``momentum`` as RobustVLM's ``pgd_train.py`` (FARE/TeCoA training): a velocity of normalised gradients,
   re-normalised every step. Under L∞ this is exactly sign-PGD (``sign(0.9·v + sign(g)) = sign(g)``), as in
@@ -48,7 +52,9 @@ class PGD(Attack):
         steps: iterations.
         step_255: step size in 1/255 units.
         norm: ``linf`` or ``l2``.
-        random_start: start from a uniform point of the ε-ball (L∞) / a random point of the L2 ball.
+        random_start: ``symmetric`` (or ``True``): start from a uniform point of the ε-ball (L∞) / a random point
+            of the L2 ball; ``one_sided``: ``x + U(0, ε)`` per pixel, Co-Attack's code (L∞ only); ``none``
+            (or ``False``): start at the clean image.
         momentum: RobustVLM-style momentum on normalised gradients (0 = plain PGD; no effect under L∞).
         objective: what is maximised: ``contrastive``, ``caption_cosine``, ``embedding_kl``, ``embedding_l2``,
             ``cross_entropy``.
@@ -64,7 +70,7 @@ class PGD(Attack):
         steps: int = 10,
         step_255: float = 0.5,
         norm: Literal["linf", "l2"] = "linf",
-        random_start: bool = True,
+        random_start: bool | Literal["symmetric", "one_sided", "none"] = "symmetric",
         momentum: float = 0.0,
         objective: str = "contrastive",
         seed: int | None = 0,
@@ -81,6 +87,12 @@ class PGD(Attack):
         self._eps_255, self.steps, self.step_255 = float(eps_255), steps, float(step_255)
         if not 0 <= momentum < 1:
             raise ConfigError(f"PGD momentum={momentum}: must be in [0, 1)")
+        if random_start is True or random_start is False:
+            random_start = "symmetric" if random_start else "none"
+        if random_start not in ("symmetric", "one_sided", "none"):
+            raise ConfigError(f"PGD random_start={random_start!r}; choose symmetric, one_sided or none")
+        if random_start == "one_sided" and norm != "linf":
+            raise ConfigError("PGD random_start=one_sided (Co-Attack's U(0, eps) start) is defined for norm=linf only")
         self.norm, self.random_start, self.momentum, self.objective = norm, random_start, momentum, objective
 
     @property
@@ -148,9 +160,12 @@ class PGD(Attack):
         gen = self.generator(images.device)
         x0 = images.detach()
         adv = x0.clone()
-        if self.random_start and eps > 0:
+        if self.random_start != "none" and eps > 0:
             if self.norm == "linf":
-                adv = adv + torch.empty_like(adv).uniform_(-eps, eps, generator=gen)
+                noise = torch.empty_like(adv).uniform_(-eps, eps, generator=gen)
+                if self.random_start == "one_sided":  # U(-ε, ε) -> U(0, ε): Co-Attack's start
+                    noise = (noise + eps) / 2
+                adv = adv + noise
             else:
                 direction = torch.randn(adv.shape, generator=gen, device=adv.device, dtype=adv.dtype)
                 radius = torch.rand(adv.shape[0], 1, 1, 1, generator=gen, device=adv.device, dtype=adv.dtype)
