@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -80,6 +81,7 @@ class MatCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        allow_tf32()
         # DDP re-executes this command in each process: the first process picks the folder, the others inherit it
         # through the environment (multi-node runs: pass --trainer.default_root_dir explicitly).
         is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0
@@ -130,6 +132,15 @@ class MatCLI(LightningCLI):
                 )
         # verbose=False: RobustRetrievalEval prints a compact table instead of one line per logged scalar
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+
+
+def allow_tf32() -> None:
+    """On a CUDA GPU, fp32 matmuls and convolutions use TF32 tensor cores (``float32_matmul_precision="high"``):
+    ~8x the throughput of true fp32 on Ampere and later, at a 10-bit mantissa in the products. Off the GPU the
+    setting changes nothing, so it is left alone."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def check_checkpoint(path: str) -> None:

@@ -410,7 +410,9 @@ def test_threshold_pred_score_cuts_one_subword_candidates(position_mlm, tiny_enc
     if threshold:
         assert prep.candidates[0] == {0: ["xalpha"], 1: ["xbravo"]}  # the word itself dropped, then cut at 0
     else:
-        assert all(len(c) > 1 and c[0] == f"x{w}" for w, c in zip(["alpha", "bravo"], prep.candidates[0].values()))
+        assert all(
+            len(c) > 1 and c[0] == f"x{w}" for w, c in zip(["alpha", "bravo"], prep.candidates[0].values())
+        )
 
 
 def test_multi_subword_candidates_as_the_reference(flickr_mlm, tiny_encoder):
@@ -434,16 +436,25 @@ def test_multi_subword_candidates_as_the_reference(flickr_mlm, tiny_encoder):
         ids = tok(sample[t].split(" "), add_special_tokens=False)["input_ids"]
         start = sum(len(x) for x in ids[:j]) + 1  # [CLS] shift
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([[tok.cls_token_id, *sum(ids, []), tok.sep_token_id]])).logits[0]
+            logits = model(
+                input_ids=torch.tensor([[tok.cls_token_id, *sum(ids, []), tok.sep_token_id]])
+            ).logits[0]
         top4 = logits[start : start + len(ids[j])].topk(10, dim=-1).indices[:, :4].tolist()
         combos = torch.tensor(list(itertools.product(*top4))[:24])
         with torch.no_grad():
             out = model(input_ids=combos).logits
         ppl = torch.nn.functional.cross_entropy(out.transpose(1, 2), combos, reduction="none").mean(1).exp()
-        texts = [tok.convert_tokens_to_string(tok.convert_ids_to_tokens(combos[i].tolist())) for i in ppl.argsort()]
+        texts = [
+            tok.convert_tokens_to_string(tok.convert_ids_to_tokens(combos[i].tolist())) for i in ppl.argsort()
+        ]
         expected = []
         for c in texts:
-            if c != words[j] and c.lower() != words[j].lower() and "##" not in c and c not in attack.stop_words:
+            if (
+                c != words[j]
+                and c.lower() != words[j].lower()
+                and "##" not in c
+                and c not in attack.stop_words
+            ):
                 if c not in expected and c not in tok.all_special_tokens:
                     expected.append(c)
         assert prep.candidates[t][j] == expected
@@ -456,8 +467,12 @@ def test_pgd_one_sided_random_start_is_co_attacks(tiny_encoder):
     x = torch.full((3, 3, 64, 64), 0.5)
     captions, txt2img = ["a red disc", "a blue box", "a green star"], torch.arange(3)
     eps = 4 / 255
-    sym = A.PGD(eps_255=4, steps=0, random_start="symmetric", seed=3)(tiny_encoder, x, captions, txt2img).images
-    one = A.PGD(eps_255=4, steps=0, random_start="one_sided", seed=3)(tiny_encoder, x, captions, txt2img).images
+    sym = A.PGD(eps_255=4, steps=0, random_start="symmetric", seed=3)(
+        tiny_encoder, x, captions, txt2img
+    ).images
+    one = A.PGD(eps_255=4, steps=0, random_start="one_sided", seed=3)(
+        tiny_encoder, x, captions, txt2img
+    ).images
     none = A.PGD(eps_255=4, steps=0, random_start=False)(tiny_encoder, x, captions, txt2img).images
     assert (one - x).min() >= 0 and (one - x).max() <= eps + 1e-7 and (one - x).mean() > eps / 4
     assert (sym - x).min() < 0

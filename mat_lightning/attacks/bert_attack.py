@@ -304,7 +304,9 @@ class BertAttack(Attack):
             for t, ws in enumerate(words):
                 for j, w in enumerate(ws):
                     if self._attackable(w):
-                        candidates[t][j] = self._filter(w, self.candidate_generator.candidates(ws, j, self.top_k))
+                        candidates[t][j] = self._filter(
+                            w, self.candidate_generator.candidates(ws, j, self.top_k)
+                        )
         else:
             self._mlm_candidates(words, candidates, combos, device)
         orig_emb = self.encode(encoder, captions)

@@ -92,7 +92,9 @@ class PGD(Attack):
         if random_start not in ("symmetric", "one_sided", "none"):
             raise ConfigError(f"PGD random_start={random_start!r}; choose symmetric, one_sided or none")
         if random_start == "one_sided" and norm != "linf":
-            raise ConfigError("PGD random_start=one_sided (Co-Attack's U(0, eps) start) is defined for norm=linf only")
+            raise ConfigError(
+                "PGD random_start=one_sided (Co-Attack's U(0, eps) start) is defined for norm=linf only"
+            )
         self.norm, self.random_start, self.momentum, self.objective = norm, random_start, momentum, objective
 
     @property
