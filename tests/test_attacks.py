@@ -411,7 +411,8 @@ def test_threshold_pred_score_cuts_one_subword_candidates(position_mlm, tiny_enc
         assert prep.candidates[0] == {0: ["xalpha"], 1: ["xbravo"]}  # the word itself dropped, then cut at 0
     else:
         assert all(
-            len(c) > 1 and c[0] == f"x{w}" for w, c in zip(["alpha", "bravo"], prep.candidates[0].values())
+            len(c) > 1 and c[0] == f"x{w}"
+            for w, c in zip(["alpha", "bravo"], prep.candidates[0].values(), strict=True)
         )
 
 
