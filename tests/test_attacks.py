@@ -484,3 +484,28 @@ def test_pgd_one_sided_random_start_is_co_attacks(tiny_encoder):
         A.PGD(norm="l2", random_start="one_sided")
     with pytest.raises(ConfigError, match="random_start"):
         A.PGD(random_start="both")
+
+
+def test_attacks_and_recall_under_bf16_autocast(tiny_encoder, data):
+    """bf16-mixed runs: PGD's objective and the text attack's scores run in float32, the similarity matrix too."""
+    from mat_lightning.eval.retrieval import similarity
+
+    x, captions, txt2img = data
+    pgd = A.PGD(eps_255=4, steps=3, step_255=1, objective="caption_cosine")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adv = pgd.clone()(tiny_encoder, x, captions, txt2img).images
+        adv_captions = BertAttack(mlm=TINY_MLM, top_k=5)(tiny_encoder, x, captions, txt2img).captions
+        with torch.no_grad():
+            img, txt = tiny_encoder.encode_image(x), tiny_encoder.encode_text(captions)
+            adv_img = tiny_encoder.encode_image(adv)
+        sim = similarity(img, txt)
+    assert adv.dtype == torch.float32 and (adv - x).abs().max() <= 4 / 255 + 1e-6 and adv.min() >= 0
+    assert sim.dtype == torch.float32
+    torch.testing.assert_close(sim, img.float() @ txt.float().T)  # not rounded to bf16
+    # the attack still works: the adversarial images' cosine to their captions falls
+    own = lambda i: (i.float()[txt2img] * txt.float()).sum(-1).mean()  # noqa: E731
+    assert own(adv_img) < own(img) - 0.01
+    changed = sum(a != b for a, b in zip(adv_captions, captions, strict=True))
+    assert changed > len(captions) // 2 and all(
+        n_changed_words(b, a) <= 1 for b, a in zip(captions, adv_captions, strict=True)
+    )

@@ -16,6 +16,7 @@ computed once without gradients) to a scalar **to maximise**:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,17 @@ class Guidance:
     class_emb: Tensor | None = None
     labels: Tensor | None = None
     logit_scale: Tensor | None = None
+
+    def float(self) -> Guidance:
+        """A copy with every floating tensor in float32 (embeddings computed under a bf16 autocast)."""
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: v.float()
+                for f in dataclasses.fields(self)
+                if isinstance(v := getattr(self, f.name), torch.Tensor) and v.is_floating_point()
+            },
+        )
 
 
 def kl_from(adv: Tensor, target: Tensor) -> Tensor:

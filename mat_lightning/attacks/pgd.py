@@ -13,7 +13,8 @@ Follows torchattacks' ``PGD`` (random start ``U(-ε, ε)`` clamped to [0, 1], ``
   RobustVLM; for MI-FGSM-style momentum use ``TorchattacksAttack("MIFGSM")``;
 * objectives by name (:mod:`~mat_lightning.attacks.objectives`), or any callable when attacks are composed;
 * ``views``: a function giving extra differentiable views of the adversarial image (SGA's rescaled copies); the
-  objective is summed over the image and its views.
+  objective is summed over the image and its views, which are encoded in one batch with the image when their shapes
+  agree (one forward and one backward per step).
 
 Defaults are the VLP attack papers' evaluation setting: L∞, ε = 2/255, 10 steps of 0.5/255 (SGA).
 """
@@ -174,10 +175,19 @@ class PGD(Attack):
                 adv = adv + eps * radius * direction / _l2(direction)
             adv = adv.clamp(0, 1)
         velocity = torch.zeros_like(adv)
+        guidance = guidance.float()
         for _ in range(self.steps):
             adv.requires_grad_(True)
             inputs = [adv] + (views(adv, gen) if views is not None else [])
-            loss = sum(objective(encoder.encode_image(v, normalize=normalize), guidance) for v in inputs)
+            if all(v.shape == adv.shape for v in inputs[1:]):  # SGA's views come back at the image's size:
+                embs = encoder.encode_image(torch.cat(inputs), normalize=normalize).chunk(
+                    len(inputs)
+                )  # one pass
+            else:
+                embs = [encoder.encode_image(v, normalize=normalize) for v in inputs]
+            # the encoder may run under a bf16 autocast; the objective (softmaxes, KLs) runs in float32
+            with torch.autocast(adv.device.type, enabled=False):
+                loss = sum(objective(e.float(), guidance) for e in embs)
             (grad,) = torch.autograd.grad(loss, adv)
             grad = torch.nan_to_num(grad)
             adv = adv.detach()

@@ -41,6 +41,13 @@ class RetrievalRanks:
     ir: Tensor
 
 
+def similarity(image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    """float32[n_img, n_txt] = ``image_emb @ text_emb.T`` in float32, also under a bf16 autocast: bf16 scores
+    (8-bit mantissa) would tie often, and ties count against the query."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        return image_emb.float() @ text_emb.float().T
+
+
 def _check_inputs(sim: Tensor, txt2img: Tensor) -> None:
     if sim.ndim != 2:
         raise ValueError(f"sim must be [n_img, n_txt], got shape {tuple(sim.shape)}")

@@ -29,7 +29,13 @@ from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import ConfigError
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.report import atomic_write, write_results
-from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_from_ranks, retrieval_ranks
+from mat_lightning.eval.retrieval import (
+    RetrievalRanks,
+    attack_success,
+    recall_from_ranks,
+    retrieval_ranks,
+    similarity,
+)
 from mat_lightning.models.encoder import VLEncoder
 
 log = logging.getLogger(__name__)
@@ -64,7 +70,7 @@ def _encode_split(
     img, txt, txt2img, _ = bank.compute()
     if export is not None and exported:
         atomic_write(export / "captions.json", json.dumps(exported, indent=1))
-    return retrieval_ranks(img @ txt.T, txt2img), seconds, img.shape[0], txt.shape[0]
+    return retrieval_ranks(similarity(img, txt), txt2img), seconds, img.shape[0], txt.shape[0]
 
 
 def _export_batch(
