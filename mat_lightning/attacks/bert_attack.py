@@ -403,7 +403,11 @@ class BertAttack(Attack):
             scores = ppl[pos : pos + len(word_combos)]
             pos += len(word_combos)
             ranked = [word_combos[i] for i in torch.argsort(scores, stable=True).tolist()]
-            texts = [tok.convert_tokens_to_string(tok.convert_ids_to_tokens(list(c))) for c in ranked]
+            tokens = tok.convert_ids_to_tokens([i for c in ranked for i in c])  # one call for the word
+            width = len(ranked[0])  # every combination of a word has one token per sub-word
+            texts = [
+                tok.convert_tokens_to_string(tokens[k : k + width]) for k in range(0, len(tokens), width)
+            ]
             prep.candidates[t][j] = self._filter(prep.words[t][j], texts)
 
     def _attackable(self, word: str) -> bool:
@@ -500,7 +504,9 @@ def _perplexity(model: Any, seqs: list[tuple[int, ...]], chunk: int, device: tor
         rows = order[i : i + chunk]
         input_ids, mask = _pad([seqs[r] for r in rows], 0)
         input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        nll = F.cross_entropy(logits.transpose(1, 2), input_ids, reduction="none")  # (b, L)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (b, L, V)
+        nll = F.cross_entropy(logits.flatten(0, 1), input_ids.flatten(), reduction="none").view(
+            input_ids.shape
+        )
         out[torch.tensor(rows)] = torch.exp((nll * mask).sum(1) / mask.sum(1)).cpu()
     return out

@@ -159,18 +159,24 @@ class OpenClipEncoder(VLEncoder):
         if not isinstance(tok, SimpleTokenizer) or tok.reduction_fn is not None:
             return tok(list(texts)).to(self.image_mean.device)
         n = tok.context_length
-        rows = []
+        cache, flat, lengths = self._word_ids, [], []
         for text in texts:
             ids = [tok.sot_token_id]
             for word in text.split():
-                word_ids = self._word_ids.get(word)
+                word_ids = cache.get(word)
                 if word_ids is None:
-                    word_ids = self._word_ids[word] = tok.encode(word)
+                    word_ids = cache[word] = tok.encode(word)
                 ids += word_ids
             # truncate as open_clip does: the last slot is end-of-text
-            ids = ids[: n - 1] + [tok.eot_token_id]
-            rows.append(ids + [0] * (n - len(ids)))
-        return torch.tensor(rows, dtype=torch.long, device=self.image_mean.device)
+            ids = ids[: n - 1]
+            ids.append(tok.eot_token_id)
+            flat += ids
+            lengths.append(len(ids))
+        # one copy of the used ids into the zero-padded rows (not T x context_length Python ints)
+        used = torch.arange(n)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]
+        rows = torch.zeros(len(lengths), n, dtype=torch.long)
+        rows[used] = torch.tensor(flat, dtype=torch.long)
+        return rows.to(self.image_mean.device)
 
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
         ids = self.tokenize(texts)
