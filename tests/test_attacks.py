@@ -509,3 +509,21 @@ def test_attacks_and_recall_under_bf16_autocast(tiny_encoder, data):
     assert changed > len(captions) // 2 and all(
         n_changed_words(b, a) <= 1 for b, a in zip(captions, adv_captions, strict=True)
     )
+
+
+def test_lazy_perplexity_ranking_equals_eager(flickr_mlm, tiny_encoder):
+    """Combinations are ranked only for the words the greedy search reaches; the result is the eager one's."""
+    folder, captions = flickr_mlm
+    attack = BertAttack(mlm=str(folder), top_k=10, max_words=1)
+    sample, t2i = captions[:60], torch.arange(60)
+    with torch.no_grad():
+        guide = torch.nn.functional.normalize(
+            torch.randn(60, tiny_encoder.encode_text(["a"]).shape[1]), dim=-1
+        )
+    lazy = attack.prepare_captions(tiny_encoder, sample)
+    n_pending = sum(len(c) for c in lazy.combos)
+    lazy_out = attack.perturb(tiny_encoder, sample, t2i, "image_cosine", guide, prepared=lazy)
+    eager = attack.prepare_captions(tiny_encoder, sample)
+    attack._rank_combinations(eager, [(t, j) for t in range(len(sample)) for j in list(eager.combos[t])])
+    assert attack.perturb(tiny_encoder, sample, t2i, "image_cosine", guide, prepared=eager) == lazy_out
+    assert 0 < sum(len(c) for c in lazy.combos) < n_pending  # some words were ranked, not all
