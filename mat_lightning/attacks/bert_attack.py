@@ -258,17 +258,18 @@ class BertAttack(Attack):
 
         words = [list(w) for w in prep.words]
         current = list(captions)
+        current_emb = orig_emb.clone()  # embedding of each current caption: candidate 0 is never re-encoded
         changes, cursor = [0] * len(captions), [0] * len(captions)
         while True:
             active = [t for t in range(len(captions)) if changes[t] < self.max_words]
             self._advance_to_words_with_candidates(prep, active, cursor)
             # One greedy round for every caption that still has budget and words: its next word's candidates.
-            texts, owners, subs = [], [], []
+            texts, owners, subs, keep_rows = [], [], [], []
             for t in active:
                 if cursor[t] >= len(prep.order[t]):
                     continue
                 j = prep.order[t][cursor[t]]
-                texts.append(current[t])  # candidate 0: keep the current caption
+                keep_rows.append(len(owners))  # candidate 0: keep the current caption
                 owners.append(t)
                 subs.append((j, None))
                 left, right = " ".join(words[t][:j]), " ".join(words[t][j + 1 :])
@@ -276,10 +277,14 @@ class BertAttack(Attack):
                     texts.append(" ".join(p for p in (left, cand, right) if p))
                     owners.append(t)
                     subs.append((j, cand))
-            if not texts:
+            if not owners:
                 break
-            emb = self.encode(encoder, texts)
-            owner = torch.tensor(owners, device=emb.device)
+            owner = torch.tensor(owners, device=current_emb.device)
+            is_keep = torch.zeros(len(owners), dtype=torch.bool, device=owner.device)
+            is_keep[keep_rows] = True
+            emb = current_emb[owner]
+            if texts:
+                emb[~is_keep] = self.encode(encoder, texts).to(emb.device)
             if objective == "image_cosine":
                 score = -(emb * guide.to(emb.device)[owner]).sum(dim=-1)
             else:
@@ -289,6 +294,7 @@ class BertAttack(Attack):
                 if cand is not None:
                     words[t][j] = cand
                     current[t] = " ".join(words[t])
+                    current_emb[t] = emb[idx]
                     changes[t] += 1
                 cursor[t] += 1
         return current

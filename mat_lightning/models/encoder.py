@@ -35,7 +35,7 @@ open_clip.add_model_config(CONFIG_DIR)  # makes the tiny configs (``mat-tiny``) 
 
 # Text length buckets of ``OpenClipEncoder.encode_text``: at most this many forwards, of at least MIN_BUCKET_ROWS rows.
 TEXT_BUCKETS = 4
-MIN_BUCKET_ROWS = 64
+MIN_BUCKET_ROWS = 16
 
 
 class VLEncoder(nn.Module, ABC):
