@@ -198,6 +198,54 @@ def bench_recall(reps: int = 3) -> dict:
     }
 
 
+def markdown_table(r: dict) -> str:
+    """The README's speed table from the results."""
+    bt, bb, tc = r["bert_attack_tiny"], r["bert_attack_base"], r["text_context_base"]
+    sga, rec = r["sga_vs_pgd_tiny"], r["recall_coco_size"]
+    rows = [
+        (
+            "BertAttack vs the reference per-caption loop, tiny (500 Flickr30K captions)",
+            f"{bt['ours_captions_per_s']} vs {bt['reference_captions_per_s']} captions/s",
+            f"{bt['speed_ratio']}x, {bt['identical_adversarial_captions_pct']} % identical",
+            ">= 5x, >= 95 %",
+        ),
+        (
+            "BertAttack vs the reference loop, BERT-base / ViT-B/16 (10 captions)",
+            f"{bb['ours_captions_per_s']} vs {bb['reference_captions_per_s']} captions/s",
+            f"{bb['speed_ratio']}x, {bb['identical_adversarial_captions_pct']} % identical",
+            ">= 5x, >= 95 %",
+        ),
+        (
+            "BertAttack host time per caption (tiny / base)",
+            f"{bt['host_ms_per_caption']} / {bb['host_ms_per_caption']} ms",
+            "",
+            "<= 1.5 ms",
+        ),
+        (
+            "ViT-B/16 text forwards, context cut vs 77 tokens (64 captions)",
+            f"{tc['cut_s']} vs {tc['full_s']} s",
+            f"{tc['speed_ratio']}x",
+            "",
+        ),
+        (
+            "SGA vs 10-step PGD (32 images, tiny CLIP)",
+            f"{sga['sga_s']} vs {sga['pgd_s']} s",
+            f"{sga['sga_over_pgd_ratio']}x",
+            "<= 8x",
+        ),
+        (
+            "recall@K at 5,000 x 25,010 vs torch.topk",
+            f"{rec['ours_s']} vs {rec['topk_s']} s; "
+            f"+{rec['ours_extra_peak_mb']} vs +{rec['topk_extra_peak_mb']} MB peak",
+            f"{rec['ours_over_topk_time_ratio']}x the time",
+            "<= 1.1x, <= 50 MB",
+        ),
+    ]
+    lines = ["| measurement | figures | ratio | target |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
 def flickr_captions() -> list[str]:
     from mat_lightning.data.formats import read_annotations
 
@@ -263,6 +311,7 @@ def main() -> None:
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(out)
     print(json.dumps(results, indent=2))
+    print(markdown_table(results))
     print(f"written to {out}")
 
 
