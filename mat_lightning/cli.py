@@ -150,12 +150,12 @@ def agreed_run_dir(parent: Path) -> str:
       reuses its folder). Give ``--trainer.default_root_dir`` to choose the folder yourself.
     * One process: a new timestamped folder, ``parent/<YYYYmmdd-HHMMSS>``.
     """
-    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and "MAT_RUN_DIR" in os.environ:
-        return os.environ["MAT_RUN_DIR"]
     launcher_id = launcher_run_id()
     if launcher_id is not None:
         run_dir = parent / launcher_id
-        run_dir.mkdir(parents=True, exist_ok=True)  # every node's first process makes it (a shared file system)
+        run_dir.mkdir(parents=True, exist_ok=True)  # every node's processes make it (a shared file system)
+    elif int(os.environ.get("LOCAL_RANK", "0")) > 0 and "MAT_RUN_DIR" in os.environ:
+        return os.environ["MAT_RUN_DIR"]
     else:
         run_dir = Path(new_run_dir(parent))
     os.environ["MAT_RUN_DIR"] = str(run_dir)  # for the children Lightning's launcher starts

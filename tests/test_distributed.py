@@ -50,7 +50,11 @@ def fit(root: Path, name: str, processes: int, batch: int, eval_batch: int, extr
         *("--trainer.enable_progress_bar=false", "--robust_eval.progress=false", "--trainer.accelerator=cpu"),
         f"--trainer.devices={processes}",
         *(["--trainer.strategy=ddp"] if processes > 1 else []),
-        *("--trainer.max_epochs=1", f"--trainer.limit_train_batches={STEPS}", "--trainer.log_every_n_steps=1"),
+        *(
+            "--trainer.max_epochs=1",
+            f"--trainer.limit_train_batches={STEPS}",
+            "--trainer.log_every_n_steps=1",
+        ),
         *(f"--data.batch_size={batch}", f"--data.eval_batch_size={eval_batch}", "--data.max_eval_images=16"),
         *("--model.lr=1e-3", f"--run_root={root}", f"--experiment={name}"),
         *extra,
@@ -64,23 +68,34 @@ def fit(root: Path, name: str, processes: int, batch: int, eval_batch: int, extr
 
 
 def encoder_weights(run: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
     return {k: v for k, v in state.items() if k.startswith("encoder.") and v.is_floating_point()}
 
 
 def assert_same_training(one: Path, two: Path, start: dict[str, torch.Tensor]) -> None:
-    """The two runs moved the weights the same way: ``‖Δ_one - Δ_two‖ < 2 % of ‖Δ_one‖``.
+    """The two runs moved the weights the same way, up to float noise.
 
-    Not elementwise: a few weights have a gradient that is float noise (attention key biases shift every logit of
-    a query equally, so their exact gradient is 0), and Adam turns any noise into a step of ±lr, which differs
-    between reduction orders. Training on other batches moves the weights a different way altogether.
+    Attention key biases are left out: they shift every logit of a query equally, so their exact gradient is 0 and
+    the computed one is rounding noise, which Adam turns into steps of ±lr that differ with the reduction order.
     """
     a, b = encoder_weights(one), encoder_weights(two)
-    moved = torch.cat([(a[k] - start[k]).flatten() for k in a])
-    other = torch.cat([(b[k] - start[k]).flatten() for k in a])
-    assert moved.norm() > 1e-3  # training changed the weights ...
+
+    def delta(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for key, value in weights.items():
+            d = (value - start[key]).flatten()
+            if key.endswith("in_proj_bias"):  # [query | key | value] biases
+                n = d.numel() // 3
+                d = torch.cat([d[:n], d[2 * n :]])
+            parts.append(d)
+        return torch.cat(parts)
+
+    moved, other = delta(a), delta(b)
+    assert moved.norm() > 1e-2  # training changed the weights ...
     ratio = ((moved - other).norm() / moved.norm()).item()
-    assert ratio < 0.02, ratio  # ... and 2 processes changed them as one process did
+    assert ratio < 1e-3, ratio  # ... and 2 processes changed them as one process did
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +131,9 @@ def test_mat_under_ddp_trains_and_evaluates_as_one_process(tmp_path, start_weigh
         for e in index:
             pt = Path(e["image"]).with_suffix(".pt")
             x1, x2 = (torch.load(tmp_path / d / tag / pt) for d in ("export1", "export2"))
-            assert (x1 - x2).abs().max() <= 2 / 255  # the same adversarial image up to float noise in the weights
+            assert (
+                x1 - x2
+            ).abs().max() <= 2 / 255  # the same adversarial image up to float noise in the weights
 
 
 def test_clean_under_ddp_trains_as_one_process(tmp_path, start_weights):
