@@ -68,8 +68,8 @@ def _encode_split(
             bank.add(
                 encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img
             )
-    seconds = time.perf_counter() - t0
     img, txt, txt2img, ids = bank.compute()
+    seconds = time.perf_counter() - t0  # after the gather: the wall time of the whole split on all ranks
     if export is not None:
         _write_export_index(export, exported)
     gallery = Gallery(img, ids, txt, ids[txt2img])
