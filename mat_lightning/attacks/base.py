@@ -131,9 +131,11 @@ class Attack(ABC):
     Args:
         seed: seed of the attack's random generator (random starts, noise); None draws from torch's global RNG.
 
-    The generator is created on first use and advances across calls, so a run over a data set is reproducible for
-    a given batch order. It is independent of the run's ``seed_everything`` on purpose: every model is evaluated
-    with the same attack noise.
+    Calls with ``sample_keys`` (or ``image_ids``) draw each row's randomness from its own stream seeded by (seed,
+    key) (:meth:`randomness`), so an image gets the same noise in any batch. Calls without keys use the attack's
+    generator, created on first use and advancing across calls (reproducible for a given batch order only). Both
+    are independent of the run's ``seed_everything`` on purpose: every model is evaluated with the same attack
+    noise.
     """
 
     name: str = "attack"

@@ -376,6 +376,11 @@ class RetrievalDataModule(L.LightningDataModule):
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything, the same on every rank
             sampler = TrainShards(ds, world_size, rank, seed)
         else:
+            if len(ds) < world_size:  # a process without images would wait forever for the others' embeddings
+                raise ConfigError(
+                    f"{len(ds)} evaluation images for {world_size} processes: each process needs at least one "
+                    "(raise data.max_eval_images or use fewer devices)"
+                )
             sampler = EvalShards(ds, world_size, rank)
         return DataLoader(
             ds,
