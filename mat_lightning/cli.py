@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.errors import ConfigError, MatError
@@ -80,14 +80,7 @@ class MatCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        # DDP re-executes this command in each process: the first process picks the folder, the others inherit it
-        # through the environment (multi-node runs: pass --trainer.default_root_dir explicitly).
-        is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0
-        if is_child and "MAT_RUN_DIR" in os.environ:
-            run_dir = os.environ["MAT_RUN_DIR"]
-        else:
-            run_dir = cfg.trainer.default_root_dir or new_run_dir(Path(cfg.run_root) / cfg.experiment)
-            os.environ["MAT_RUN_DIR"] = run_dir
+        run_dir = cfg.trainer.default_root_dir or agreed_run_dir(Path(cfg.run_root) / cfg.experiment)
         cfg.trainer.default_root_dir = run_dir
         seed = cfg.seed_everything
         cfg.robust_eval.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
@@ -146,6 +139,40 @@ def check_checkpoint(path: str) -> None:
         raise ConfigError(f"--ckpt_path {path} {NOT_A_MAT_CHECKPOINT}")
 
 
+def agreed_run_dir(parent: Path) -> str:
+    """The run folder, the same in every process of a distributed run.
+
+    * Lightning's own DDP launcher re-executes the command on one node: the first process picks a new timestamped
+      folder and its children inherit it through ``MAT_RUN_DIR``.
+    * Processes started by a launcher (``torchrun``, ``srun``), possibly on several nodes, cannot inherit anything
+      from each other: they name the folder after the launcher's id of the job, the same everywhere,
+      ``parent/torchrun-<TORCHELASTIC_RUN_ID>`` or ``parent/slurm-<SLURM_JOB_ID>.<SLURM_STEP_ID>`` (a requeued job
+      reuses its folder). Give ``--trainer.default_root_dir`` to choose the folder yourself.
+    * One process: a new timestamped folder, ``parent/<YYYYmmdd-HHMMSS>``.
+    """
+    launcher_id = launcher_run_id()
+    if launcher_id is not None:
+        run_dir = parent / launcher_id
+        run_dir.mkdir(parents=True, exist_ok=True)  # every node's processes make it (a shared file system)
+    elif int(os.environ.get("LOCAL_RANK", "0")) > 0 and "MAT_RUN_DIR" in os.environ:
+        return os.environ["MAT_RUN_DIR"]
+    else:
+        run_dir = Path(new_run_dir(parent))
+    os.environ["MAT_RUN_DIR"] = str(run_dir)  # for the children Lightning's launcher starts
+    return str(run_dir)
+
+
+def launcher_run_id() -> str | None:
+    """A name shared by every process that an external launcher started for one multi-process run, else None."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1")) > 1 and env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
+        step = env.get("SLURM_STEP_ID")
+        return f"slurm-{env['SLURM_JOB_ID']}" + (f".{step}" if step is not None else "")
+    return None
+
+
 def new_run_dir(parent: Path) -> str:
     """``parent/<YYYYmmdd-HHMMSS>``, with a ``-<n>`` suffix if that folder already exists."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -193,7 +220,8 @@ def _setup_logging() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[mat] %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        # one voice per distributed run: the other ranks report warnings and errors only
+        logger.setLevel(logging.INFO if rank_zero_only.rank == 0 else logging.WARNING)
         logger.propagate = False
 
 

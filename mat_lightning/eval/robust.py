@@ -9,6 +9,12 @@ One implementation, two entry points:
 
 Protocol (DESIGN §3; SGA's, not Co-Attack's script): every image of the split is attacked **once**, together with
 all of its captions; recall is computed on the whole attacked split; each row carries both ASR definitions.
+
+Invariance: attacks get each row's split index (``image_ids``), which keys their random draws per image, and the
+clean split's embeddings (a :class:`~mat_lightning.attacks.objectives.Gallery`) for ``split_contrastive``; so a row
+is the same at any ``eval_batch_size`` and number of processes, unless an attack's objective reads the rest of its
+batch (``contrastive``, ``cross_entropy``). Under DDP each rank attacks its shard of the split
+(:class:`~mat_lightning.data.sampling.EvalShards`), embeddings are gathered, and rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from mat_lightning.attacks.base import Attack
+from mat_lightning.attacks.objectives import Gallery
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import ConfigError
 from mat_lightning.eval.embeddings import EmbeddingBank
@@ -43,7 +51,7 @@ def _encode_split(
     desc: str,
     progress: bool,
     export: Path | None = None,
-) -> tuple[RetrievalRanks, float, int, int]:
+) -> tuple[RetrievalRanks, float, Gallery]:
     bank = EmbeddingBank()
     t0 = time.perf_counter()
     exported: list[dict] = []
@@ -52,7 +60,7 @@ def _encode_split(
         images, txt2img = batch.images.to(device), batch.txt2img.to(device)
         captions = batch.captions
         if attack is not None:
-            result = attack(encoder, images, captions, txt2img)
+            result = attack(encoder, images, captions, txt2img, image_ids=batch.image_ids.to(device))
             images, captions = result.images, result.captions
             if export is not None:
                 exported += _export_batch(export, batch, images, captions)
@@ -60,11 +68,25 @@ def _encode_split(
             bank.add(
                 encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img
             )
-    seconds = time.perf_counter() - t0
-    img, txt, txt2img, _ = bank.compute()
-    if export is not None and exported:
-        atomic_write(export / "captions.json", json.dumps(exported, indent=1))
-    return retrieval_ranks(img @ txt.T, txt2img), seconds, img.shape[0], txt.shape[0]
+    img, txt, txt2img, ids = bank.compute()
+    seconds = time.perf_counter() - t0  # after the gather: the wall time of the whole split on all ranks
+    if export is not None:
+        _write_export_index(export, exported)
+    gallery = Gallery(img, ids, txt, ids[txt2img])
+    return retrieval_ranks(img @ txt.T, txt2img), seconds, gallery
+
+
+def _write_export_index(folder: Path, entries: list[dict]) -> None:
+    """``captions.json`` of an exported set, once, by rank 0, with every rank's images in split order."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, entries)
+        if dist.get_rank() != 0:
+            return
+        entries = list({e["image_index"]: e for part in parts for e in part}.values())
+    entries = sorted(entries, key=lambda e: e["image_index"])
+    if entries:
+        atomic_write(folder / "captions.json", json.dumps(entries, indent=1))
 
 
 def _export_batch(
@@ -132,7 +154,7 @@ def check_distinct_names(attacks: Sequence[Attack]) -> None:
 
 
 def _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir) -> list[dict]:
-    clean_ranks, seconds, _, _ = _encode_split(encoder, loader, None, device, "clean", progress)
+    clean_ranks, seconds, gallery = _encode_split(encoder, loader, None, device, "clean", progress)
     rows = [
         {
             "attack": "clean",
@@ -149,9 +171,9 @@ def _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, e
         for variant in variants:
             tag = f"{variant.name}_eps{variant.eps_255:g}" if variant.eps_255 is not None else variant.name
             export = Path(export_dir) / tag if export_dir is not None else None
-            variant = variant.clone()
+            variant = variant.clone().with_gallery(gallery)  # the clean split: split_contrastive's negatives
             variant.prepare(device)  # load models (the MLM) outside the timed loop
-            ranks, seconds, _, _ = _encode_split(encoder, loader, variant, device, tag, progress, export)
+            ranks, seconds, _ = _encode_split(encoder, loader, variant, device, tag, progress, export)
             rows.append(
                 {
                     "attack": variant.name,
@@ -203,10 +225,6 @@ class RobustRetrievalEval(L.Callback):
                 "RobustRetrievalEval needs gradients at test time: set trainer.inference_mode: false "
                 "(conf/base.yaml does; did a config override it?)"
             )
-        if self.export_dir is not None and trainer.world_size > 1:
-            raise ConfigError(
-                "robust_eval.export_dir works on one process: run mat robust-eval with --trainer.devices=1"
-            )
         check_distinct_names(self.attacks)  # before training, not after it
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -221,7 +239,7 @@ class RobustRetrievalEval(L.Callback):
             self.ks,
             pl_module.device,
             self.progress and trainer.is_global_zero,
-            self.export_dir if trainer.is_global_zero else None,
+            self.export_dir,  # every rank writes its shard's images, rank 0 the index
         )
         base = {}
         for row in self.rows[
@@ -231,7 +249,8 @@ class RobustRetrievalEval(L.Callback):
         for name, row in base.items():
             for key, value in row.items():
                 if key not in ("attack", "eps_255"):
-                    pl_module.log(f"test/{name}/{key}", float(value), rank_zero_only=True)
+                    # every rank holds the same gathered rows: the mean over ranks is the value itself
+                    pl_module.log(f"test/{name}/{key}", float(value), sync_dist=True)
         from mat_lightning.logging import log_robust_rows
 
         log_robust_rows(trainer, "test", self.rows, self.ks)
