@@ -168,6 +168,17 @@ def plot_curves(
     if clean is not None:
         ax_eps.axhline(clean["tr_r1"], color="black", lw=1, label="clean TR@1")
         ax_eps.axhline(clean["ir_r1"], color="black", lw=1, ls="--", label="clean IR@1")
+    for row in rows:  # text-only attacks perturb no pixel: a measured point at ε = 0
+        if row["attack"] != "clean" and row.get("eps_255") is None:
+            for direction, marker in (("tr", "o"), ("ir", "s")):
+                ax_eps.plot(
+                    [0.0],
+                    [row[f"{direction}_r1"]],
+                    marker=marker,
+                    ls="none",
+                    color=colour[row["attack"]],
+                    label=f"{row['attack']} {direction.upper()}@1 (text only)",
+                )
     for name in attacks:
         pts = sorted(
             (r for r in rows if r["attack"] == name and r.get("eps_255") is not None),
@@ -194,7 +205,7 @@ def plot_curves(
                 )
     ax_eps.set_xlabel("ε (/255)")
     ax_eps.set_ylabel("recall@1 (%)")
-    ax_eps.set_title("R@1 vs ε (text-only attacks: no ε)")
+    ax_eps.set_title("R@1 vs ε (text-only attacks at ε = 0)")
     ax_eps.set_ylim(0, 100)
     ax_eps.set_xlim(left=0)
     ks = ks_of(rows)

@@ -36,6 +36,9 @@ from mat_lightning.models.encoder import VLEncoder
 
 log = logging.getLogger(__name__)
 
+#: ``robust_eval.mlm: required`` in a config: the user must name the masked LM of the text attacks.
+MLM_REQUIRED = "required"
+
 
 def _encode_split(
     encoder: VLEncoder,
@@ -185,6 +188,9 @@ class RobustRetrievalEval(L.Callback):
         export_dir: write the adversarial test set there (images + captions) for reuse.
         progress: a progress bar per attack.
         seed: the run's seed, recorded in ``results.json`` (the ``mat`` CLI sets it from ``seed_everything``).
+        mlm: if set, the masked LM of every text attack of the list (BERT-Attack, the text part of Sep-Attack,
+            Co-Attack and SGA): a hub name, a local folder written by ``save_pretrained``, or ``synthetic``. A config
+            may set it to ``required`` to make the user give one (``experiments/custom_eval.yaml``).
     """
 
     def __init__(
@@ -196,8 +202,15 @@ class RobustRetrievalEval(L.Callback):
         export_dir: str | None = None,
         progress: bool = True,
         seed: int | None = None,
+        mlm: str | None = None,
     ) -> None:
         self.attacks = list(attacks or [])
+        self.mlm = mlm
+        if mlm is not None and mlm != MLM_REQUIRED:
+            for attack in self.attacks:
+                for part in _text_attacks(attack):
+                    if hasattr(part, "mlm"):
+                        part.mlm, part._mlm = mlm, None
         self.seed = seed
         self.eps_255_grid = eps_255_grid
         self.ks = list(ks or [1, 5, 10])
@@ -227,6 +240,11 @@ class RobustRetrievalEval(L.Callback):
         Runs in ``setup``, i.e. before ``fit`` trains: a missing masked LM or data file fails in seconds, not after
         hours of training and the first attacks.
         """
+        if self.mlm == MLM_REQUIRED:
+            raise ConfigError(
+                "this config needs the masked LM of its text attacks: --robust_eval.mlm=<folder written by "
+                "save_pretrained, or a hub name such as bert-base-uncased>"
+            )
         dm = trainer.datamodule
         if stage == "fit" and dm is not None and hasattr(dm, "read_split"):
             dm.read_split(dm.splits["test"])  # annotation file and image files of the test split exist
