@@ -221,3 +221,50 @@ def test_data_check_on_a_test_only_set(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "absent" in out and "ok" in out
+
+
+def test_synthetic_mlm_on_real_captions_warns(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    import torch
+
+    from mat_lightning.attacks import SGA, BertAttack
+
+    cb = RobustRetrievalEval(attacks=[SGA(text_attack=BertAttack(mlm="synthetic:tiny"))], progress=False)
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(dataset="flickr30k"),
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        is_global_zero=True,
+        default_root_dir=str(tmp_path),
+    )
+    with caplog.at_level("WARNING", logger="mat_lightning"):
+        cb._preflight(trainer, None, "test")
+    assert "sga uses the synthetic world's masked LM" in caplog.text
+
+
+def test_required_mlm_and_missing_images_reported_once(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "robust-eval",
+                "--config",
+                str(REPO / "experiments" / "custom_eval.yaml"),
+                *TINY[:3],
+                "--model.encoder.init_args.model_name=mat-tiny",
+                "--data.dataset=synthetic",
+            ]
+        )
+    assert e.value.code == 2 and "--robust_eval.mlm=" in capsys.readouterr().err
+    images = [
+        {"filename": f"{i}.jpg", "split": s, "sentences": [{"raw": "a dog."}]}
+        for i, s in enumerate(["train", "val", "test"])
+    ]
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(SystemExit):
+        main(["data", "check", "--data.dataset=flickr30k", f"--data.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert (
+        err.count("are missing") == 1
+        and "likewise in: 'val', 'test'" not in err
+        and "likewise in: val, test" in err
+    )
