@@ -1,4 +1,7 @@
-"""The ``mat`` command: a LightningCLI (``fit | validate | test | robust-eval``) plus ``data check`` and ``report``.
+"""The ``mat`` command: a LightningCLI (``fit | validate | test | robust-eval``) plus ``data check`` and ``augment``.
+
+:mod:`mat_lightning.main` is the front door (the command list, short help, ``mat report``, ``mat eval``): it
+imports no training stack and hands the rest to :func:`main` here.
 
 * ``mat fit --config experiments/smoke.yaml [--model.lr=1e-4 ...]``: train, then test the final weights with the
   robust evaluation callback (``robust_eval:`` in the config).
@@ -10,7 +13,10 @@
 
 ``conf/base.yaml`` is a default config file of every subcommand. Each run gets its own directory,
 ``<run_root>/<experiment>/<timestamp>/``, holding ``config.yaml``, ``checkpoints/``, ``results.*``, ``curves.png``
-and the W&B files. User errors (:class:`~mat_lightning.errors.MatError`) print one message and exit with status 2.
+and the W&B files; the saved ``config.yaml`` re-runs into a new folder. A command that evaluated prints one results
+table last (wrapped to the terminal width, full metric names), then only the run folder; Lightning's metric table,
+W&B's summary and known third-party warnings are off. User errors (:class:`~mat_lightning.errors.MatError`) print
+one message and exit with status 2.
 """
 
 from __future__ import annotations

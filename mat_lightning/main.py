@@ -18,68 +18,91 @@ from mat_lightning.errors import ConfigError, MatError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 COMMANDS = {
-    "fit": "train an encoder with a defense, then run the robust evaluation on the final weights",
-    "validate": "clean validation recall of a checkpoint (--ckpt_path) or of the starting weights",
-    "test": "clean test recall plus the robust evaluation (robust_eval:) of a checkpoint or the starting weights",
-    "robust-eval": "the robust evaluation of any checkpoint (mat test under its own name; --export DIR)",
-    "eval": "one-call robust evaluation without YAML (--model --pretrained --dataset --data-root --attacks)",
-    "data": "data check: read every split of a data set, decode every image, report problems by file",
-    "report": "a paper-style table across runs (mean ± std over seeds; only comparable runs grouped)",
-    "augment": "write MAT+ 1:N augmentation files (rewrite | i2t) with a local HF model",
+    "fit": "train with a defense, then robust evaluation of the final weights",
+    "validate": "clean validation recall of a checkpoint or the starting weights",
+    "test": "clean recall + robust evaluation of a checkpoint or start weights",
+    "robust-eval": "the robust evaluation (mat test by its name; --export DIR)",
+    "eval": "one call, no YAML: --model --pretrained --dataset --attacks ...",
+    "data": "data check: read every split, decode every image, list problems",
+    "report": "a paper-style table across runs (only comparable runs averaged)",
+    "augment": "write MAT+ 1:N augmentation files (rewrite | i2t), local model",
 }
 
 HELP = (
     "usage: mat <command> [options]\n\n"
-    "Multimodal adversarial training and robust image-text retrieval evaluation (README.md).\n\ncommands:\n"
+    "Multimodal adversarial training and robust image-text retrieval (README.md).\n\ncommands:\n"
     + "".join(f"  {name:<12} {line}\n" for name, line in COMMANDS.items())
-    + "\nmat help <command>: its main options;  mat <command> --help: every option (fit/test: also Lightning's).\n"
+    + "\nmat help <command>: its main options.  mat <command> --help: all of them.\n"
 )
 
-_COMMON = """\
-  --config FILE               an experiment (experiments/*.yaml); later files and options override it
-  --experiment NAME           run name: groups runs and names the run folder <run_root>/<experiment>/<time>/
-  --run_root DIR              where run folders go (default: runs)
-  --seed_everything N         the seed (default 0)
-  --model.encoder.init_args.model_name / .pretrained   the open_clip model and its weights (tag or file)
-  --model.defense=CLASS       Clean, ImageAT, TeCoA, FARE, TextAT, MMCoA, MAT, MAT1N (mat_lightning.defenses)
-  --data.dataset / --data.root / --data.annotations / --data.max_eval_images N
-  --robust_eval=FILE          the evaluation attacks (conf/attack/*.yaml); --robust_eval.eps_255_grid=[1,2,4,8]
-  --trainer.accelerator / --trainer.devices / --trainer.max_epochs
-  --print_config              print the fully resolved config (a valid config file) and exit
-"""
+
+def _options(pairs: list[tuple[str, str]], width: int = 80) -> str:
+    """Option lines: ``  --opt  description``, the description on its own line when both do not fit."""
+    lines = []
+    for opt, text in pairs:
+        one = f"  {opt:<24} {text}"
+        lines += [one] if len(one) <= width and len(opt) <= 24 else [f"  {opt}", f"{'':<8}{text}"]
+    return "\n".join(lines) + "\n"
+
+
+_COMMON = [
+    ("--config FILE", "an experiment (experiments/*.yaml); options after it override it"),
+    ("--experiment NAME", "run name: the run folder is <run_root>/<experiment>/<time>/"),
+    ("--run_root DIR", "where run folders go (default: runs)"),
+    ("--seed_everything N", "the seed (default 0)"),
+    ("--model.encoder.init_args.model_name NAME", "the open_clip model, e.g. ViT-B-16"),
+    ("--model.encoder.init_args.pretrained TAG|FILE", "its weights: an open_clip tag or a checkpoint file"),
+    ("--model.defense CLASS", "Clean, ImageAT, TeCoA, FARE, TextAT, MMCoA, MAT, MAT1N"),
+    ("--data.dataset NAME", "synthetic, flickr30k, coco or custom"),
+    ("--data.root DIR", "the data set's folder (annotations and images)"),
+    ("--data.annotations FILE", "an annotation file, or '{test: file, ...}' per split"),
+    ("--data.max_eval_images N", "evaluate on the first N test images only (a quick look)"),
+    ("--robust_eval FILE", "the evaluation attacks (conf/attack/*.yaml)"),
+    ("--robust_eval.eps_255_grid [1,2,4,8]", "every image attack over an ε grid as well"),
+    ("--robust_eval.mlm FOLDER|NAME", "the masked LM of every text attack"),
+    ("--trainer.accelerator cpu|gpu|auto", "and --trainer.devices N"),
+    ("--print_config", "print the fully resolved config (a valid config file) and exit"),
+]
+_CKPT = [("--ckpt_path FILE", "the checkpoint to load (default: the configured starting weights)")]
 
 SHORT_HELP = {
     "fit": "usage: mat fit --config experiments/<name>.yaml [options]\n\n"
     + COMMANDS["fit"]
     + ".\n\n"
-    + _COMMON
-    + "  --model.lr / --model.weight_decay\n"
-    "  --test_ckpt last|best       test the final weights (default) or the best clean-validation checkpoint\n",
+    + _options(
+        _COMMON
+        + [
+            ("--trainer.max_epochs N", "training length"),
+            ("--model.lr LR", "and --model.weight_decay"),
+            ("--test_ckpt last|best", "test the final weights (default) or the best by clean recall"),
+        ]
+    ),
     "validate": "usage: mat validate --config <experiment.yaml> [--ckpt_path FILE] [options]\n\n"
     + COMMANDS["validate"]
     + ".\n\n"
-    + _COMMON
-    + "  --ckpt_path FILE            the checkpoint to load (default: the configured starting weights)\n",
+    + _options(_COMMON + _CKPT),
     "test": "usage: mat test --config <experiment.yaml> [--ckpt_path FILE] [options]\n\n"
     + COMMANDS["test"]
     + ".\n\n"
-    + _COMMON
-    + "  --ckpt_path FILE            the checkpoint to evaluate (default: the configured starting weights)\n",
-    "robust-eval": "usage: mat robust-eval --config <experiment.yaml> [--ckpt_path FILE] [--export DIR] [options]\n\n"
+    + _options(_COMMON + _CKPT),
+    "robust-eval": "usage: mat robust-eval --config <experiment.yaml> [--ckpt_path FILE]\n"
+    "                       [--export DIR] [options]\n\n"
     + COMMANDS["robust-eval"]
     + ".\n\n"
-    + _COMMON
-    + "  --ckpt_path FILE            the checkpoint to evaluate (default: the configured starting weights)\n"
-    "  --export DIR                also write each adversarial test set to DIR (PNG + .pt + captions.json)\n\n"
-    "All options: the same as `mat test --help`.\n",
-    "data": "usage: mat data check [--config FILE] --data.dataset=NAME --data.root=DIR [--decode=false]\n\n"
+    + _options(
+        _COMMON + _CKPT + [("--export DIR", "also write the adversarial test sets (PNG, .pt, captions)")]
+    )
+    + "\nAll options: the same as `mat test --help`.\n",
+    "data": "usage: mat data check [--config FILE] --data.dataset=NAME --data.root=DIR\n\n"
     + COMMANDS["data"]
-    + ".\nA test-only set: --data.annotations='{test: file.json}' checks just the splits it has.\n",
-    "report": "usage: mat report RUNS... [--metrics ...] [--attacks ...] [--eps E] [--format md|csv|latex] "
-    "[--out DIR]\n\n" + COMMANDS["report"] + ". Details: mat report --help\n",
+    + ".\nA test-only set: --data.annotations='{test: file.json}' checks just that split.\n",
+    "report": "usage: mat report RUNS... [--metrics ...] [--attacks ...] [--eps E]\n"
+    "                  [--format md|csv|latex] [--out DIR]\n\n"
+    + COMMANDS["report"]
+    + ".\nDetails: mat report --help\n",
     "augment": "usage: mat augment rewrite|i2t --model <local HF model> --annotations FILE --out FILE\n\n"
     + COMMANDS["augment"]
-    + ". Details: mat augment --help\n",
+    + ".\nDetails: mat augment --help\n",
 }
 
 # -- mat eval -----------------------------------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ def test_mat_help_lists_every_subcommand():
     assert proc.stdout.startswith("usage: mat robust-eval") and "--export" in proc.stdout
 
 
+@pytest.mark.slow  # a cold `mat` process through make: ~30 s on a loaded 2-core machine
 def test_make_print_config_is_a_valid_config():
     venv = Path(sys.executable).parents[1]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -4,8 +4,11 @@ One implementation, two entry points:
 
 * :func:`robust_retrieval` — a plain function over an encoder and a loader of eval batches (Python API);
 * :class:`RobustRetrievalEval` — a Lightning callback that runs it at the end of ``test`` (after ``fit``, in
-  ``mat test`` and ``mat robust-eval``), logs ``test/<attack>/<metric>``, a W&B table and line charts, and writes
-  ``results.json``, ``results.csv`` and ``curves.png`` into the run directory.
+  ``mat test`` and ``mat robust-eval``), logs ``test/<attack>/<metric>`` and the W&B results (``logging.py``), and
+  writes ``results.json`` and ``results.csv`` into the run directory after every attack (a late failure loses
+  nothing), then ``curves.png``/``.pdf``. Its ``setup`` checks, before ``fit`` trains, everything the evaluation
+  will need: the attacks' masked LMs are loaded, the export and run folders are writable, the test split's files
+  exist.
 
 Protocol (DESIGN §3; SGA's, not Co-Attack's script): every image of the split is attacked **once**, together with
 all of its captions; recall is computed on the whole attacked split; each row carries both ASR definitions.
