@@ -59,7 +59,11 @@ class MatCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             # Attacks need autograd at validate/test time (Lightning issues #14497, #17653): not only a YAML default.
             trainer_defaults={"inference_mode": False},
-            parser_kwargs={"parser_mode": "omegaconf", **{s: dict(sub_kwargs) for s in SUBCOMMANDS}},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "prog": "mat",
+                **{s: dict(sub_kwargs) for s in SUBCOMMANDS},
+            },
             auto_configure_optimizers=False,
             args=args,
             run=run,

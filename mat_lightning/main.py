@@ -271,22 +271,30 @@ def front_door(argv: list[str]) -> list[str] | None:
     return argv
 
 
-def main(argv: list[str] | None = None) -> None:
-    from_command_line = argv is None
-    try:
-        rest = front_door(list(sys.argv[1:] if argv is None else argv))
-    except MatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if rest is None:
-        return
-    from mat_lightning.cli import main as cli_main
+def needs_no_training_stack(argv: list[str]) -> bool:
+    """Whether :func:`front_door` answers ``argv`` by itself (help, report, a ``mat data`` usage error)."""
+    return (
+        not argv
+        or argv[0] in ("-h", "--help", "help", "report")
+        or (argv[0] == "data" and argv[1:2] != ["check"])
+        or (argv[0] == "robust-eval" and _wants_help(argv))
+    )
 
-    if from_command_line:
-        sys.argv[1:] = rest  # DDP re-executes sys.argv in each process: keep it what we run
-        cli_main()
-    else:
-        cli_main(rest)
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if needs_no_training_stack(args):
+        try:
+            front_door(args)
+        except MatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
+    from mat_lightning.cli import (
+        main as cli_main,
+    )  # calls front_door too (mat eval, short help before --help)
+
+    cli_main(argv)
 
 
 if __name__ == "__main__":

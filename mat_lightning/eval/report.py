@@ -207,7 +207,9 @@ def plot_curves(
     ax_eps.set_ylabel("recall@1 (%)")
     ax_eps.set_title("R@1 vs ε (text-only attacks at ε = 0)")
     ax_eps.set_ylim(0, 100)
-    ax_eps.set_xlim(left=0)
+    measured = sorted({0.0, *(r["eps_255"] for r in rows if r.get("eps_255") is not None)})
+    ax_eps.set_xticks(measured)  # the budgets that were run
+    ax_eps.set_xlim(-0.05 * max(measured[-1], 1.0), 1.05 * max(measured[-1], 1.0))
     ks = ks_of(rows)
     seen: set[str] = set()
     for row in rows:
