@@ -59,6 +59,8 @@ seeds: export MAT_RUN_ROOT = $(RUN_ROOT)
 seeds: check-name  ## Run NAME once per seed: make seeds NAME=smoke SEEDS="0 1 2", then make table (mean ± std)
 	@set -e; for s in $$MAT_SEEDS; do \
 	  case "$$s" in ''|*[!0-9]*) echo "error: SEEDS must be integers, got '$$s'" >&2; exit 2;; esac; \
+	done; \
+	for s in $$MAT_SEEDS; do \
 	  echo "== $$MAT_NAME seed $$s" >&2; \
 	  $(MAT) fit --config "experiments/$$MAT_NAME.yaml" --experiment="$$MAT_NAME" --seed_everything="$$s" \
 	    --run_root="$$MAT_RUN_ROOT" $$MAT_ARGS; \

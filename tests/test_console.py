@@ -234,7 +234,6 @@ def test_synthetic_mlm_on_real_captions_warns(tmp_path, caplog):
     cb = RobustRetrievalEval(attacks=[SGA(text_attack=BertAttack(mlm="synthetic:tiny"))], progress=False)
     trainer = SimpleNamespace(
         datamodule=SimpleNamespace(dataset="flickr30k"),
-        strategy=SimpleNamespace(root_device=torch.device("cpu")),
         is_global_zero=True,
         default_root_dir=str(tmp_path),
     )

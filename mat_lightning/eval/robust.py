@@ -265,7 +265,8 @@ class RobustRetrievalEval(L.Callback):
                         part.mlm,
                         dataset,
                     )
-            attack.prepare(trainer.strategy.root_device)  # loads the masked LMs (cached, shared by the suite)
+            # loads the masked LMs (cached, shared by the suite); on the CPU: no accelerator memory while training
+            attack.prepare(torch.device("cpu"))
         if self.export_dir is not None and trainer.is_global_zero:
             _check_writable(Path(self.export_dir), "robust_eval.export_dir (--export)")
         if trainer.is_global_zero:
