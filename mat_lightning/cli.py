@@ -229,7 +229,7 @@ class _DropTips(logging.Filter):
 
 def _quiet_console() -> None:
     """No avoidable warnings or banners: the results table is the run's summary."""
-    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's run summary dump, sync banner, "anonymous" warning
+    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's run summary dump and sync banner
     # Lightning's own code calls torch's deprecated LeafSpec check (lightning/pytorch/utilities/_pytree.py)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     tip_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")

@@ -70,7 +70,9 @@ def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path, capsys):
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run / "wandb").glob("offline-run-*"))
     media = next((run / "wandb").glob("offline-run-*")) / "files" / "media"
-    assert list(media.glob("images/test/curves_*.png")) and list(media.glob("table/test/results_*.table.json"))
+    assert list(media.glob("images/test/curves_*.png")) and list(
+        media.glob("table/test/results_*.table.json")
+    )
     out = capsys.readouterr().out.rstrip().splitlines()  # the results table, then only the run folder
     assert out[-1] == f"run folder: {run}" and out[-3].startswith("| clean ")
     # the saved config re-runs into a new folder, leaving this run's files alone

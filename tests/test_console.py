@@ -227,8 +227,6 @@ def test_data_check_on_a_test_only_set(tmp_path, capsys):
 def test_synthetic_mlm_on_real_captions_warns(tmp_path, caplog):
     from types import SimpleNamespace
 
-    import torch
-
     from mat_lightning.attacks import SGA, BertAttack
 
     cb = RobustRetrievalEval(attacks=[SGA(text_attack=BertAttack(mlm="synthetic:tiny"))], progress=False)
@@ -268,3 +266,29 @@ def test_required_mlm_and_missing_images_reported_once(tmp_path, capsys):
         and "likewise in: 'val', 'test'" not in err
         and "likewise in: val, test" in err
     )
+
+
+def test_curves_show_only_measured_points():
+    import matplotlib.pyplot as plt
+
+    from mat_lightning.eval.report import curves_figure
+
+    def row(attack, eps, r1):
+        return {
+            "attack": attack,
+            "eps_255": eps,
+            **{f"{d}_r{k}": r1 + k for d in ("tr", "ir") for k in (1, 5, 10)},
+        }
+
+    rows = [row("clean", 0.0, 60), row("pgd", 2.0, 30), row("bert_attack", None, 5), row("sga", 2.0, 1)]
+    fig = curves_figure(rows, modalities={"pgd": "image", "bert_attack": "text", "sga": "multimodal"})
+    ax_eps, ax_k = fig.axes
+    lines = {line.get_label(): line for line in ax_eps.lines}
+    assert list(lines["pgd TR@1"].get_xdata()) == [2.0]  # one ε: a point, no line from ε = 0
+    assert list(lines["sga TR@1"].get_xdata()) == [2.0]
+    dotted = next(label for label in lines if label.startswith("sga TR@1 from ε=0"))
+    assert list(lines[dotted].get_ydata()) == [6, 2]  # from the text-only attack's TR@1 (5 + 1) to SGA's
+    assert list(ax_k.get_xticks()) == [1, 5, 10]
+    for ax in (ax_eps, ax_k):
+        assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1  # outside the data
+    plt.close(fig)

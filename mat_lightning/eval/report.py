@@ -146,12 +146,20 @@ def plot_curves(
     modalities: dict[str, str] | None = None,
     fmt: str = "png",
 ) -> None:
+    """:func:`curves_figure` saved to ``out`` (a path or a binary file object): PNG at 200 dpi, or PDF."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows, title, modalities)
+    fig.savefig(out, format=fmt, dpi=200, bbox_inches="tight")
+    plt.close(fig)
+
+
+def curves_figure(rows: Sequence[dict], title: str = "", modalities: dict[str, str] | None = None) -> Any:
     """Two panels: R@1 vs ε (one line per attack and direction) and R@K vs K (one line per attack, at its base ε).
 
     Only measured points are drawn: clean recall is a horizontal reference line, not a point at ε = 0; an attack
     measured at one ε is a marker, not a line. A multimodal attack's curve starts at ε = 0 from the text-only
-    attack of the run (its text part alone), drawn dotted and named in the legend. ``out`` is a path or a binary
-    file object; PNG at 200 dpi, or PDF.
+    attack of the run (its text part alone), drawn dotted and named in the legend. Legends sit outside the axes.
     """
     import matplotlib
 
@@ -230,5 +238,4 @@ def plot_curves(
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, format=fmt, dpi=200, bbox_inches="tight")
-    plt.close(fig)
+    return fig
