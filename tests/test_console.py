@@ -292,3 +292,34 @@ def test_curves_show_only_measured_points():
     for ax in (ax_eps, ax_k):
         assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1  # outside the data
     plt.close(fig)
+
+
+def test_wandb_config_has_no_junk_keys_and_the_run_gets_tags(tmp_path):
+    from types import SimpleNamespace
+
+    from jsonargparse import Namespace
+
+    from mat_lightning.logging import SaveConfigToWandb, WandbLogger
+
+    run = SimpleNamespace(tags=("mine",), config=SimpleNamespace(values={}))
+    run.config.update = lambda values, allow_val_change: run.config.values.update(values)
+
+    class FakeWandb(WandbLogger):
+        @property
+        def experiment(self):
+            return run
+
+    logger = FakeWandb(offline=True, save_dir=str(tmp_path))
+    assert "anonymous" not in logger._wandb_init  # the argument W&B warns about
+    callback = SaveConfigToWandb.__new__(SaveConfigToWandb)
+    callback.config = Namespace(
+        config=["x.yaml"], __default_config__="base.yaml", experiment="e", seed_everything=0
+    )
+    encoder = SimpleNamespace(model_name="ViT-B-16")
+    trainer = SimpleNamespace(
+        is_global_zero=True, loggers=[logger], datamodule=SimpleNamespace(dataset="flickr30k")
+    )
+    module = SimpleNamespace(encoder=encoder, defense=SimpleNamespace(name="mat"))
+    callback.save_config(trainer, module, "fit")
+    assert run.config.values == {"experiment": "e", "seed_everything": 0}
+    assert run.tags == ("mine", "defense:mat", "dataset:flickr30k", "model:ViT-B-16")
