@@ -232,6 +232,11 @@ def _quiet_console() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")  # W&B's run summary dump and sync banner
     # Lightning's own code calls torch's deprecated LeafSpec check (lightning/pytorch/utilities/_pytree.py)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # DDP: one warning per val/test metric. Those metrics are computed from embeddings gathered across ranks (the
+    # same value on every rank), so there is nothing for sync_dist to average.
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self.log\('(val|test)/", category=UserWarning
+    )
     tip_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropTips) for f in tip_logger.filters):
         tip_logger.addFilter(_DropTips())
