@@ -323,3 +323,12 @@ def test_wandb_config_has_no_junk_keys_and_the_run_gets_tags(tmp_path):
     callback.save_config(trainer, module, "fit")
     assert run.config.values == {"experiment": "e", "seed_everything": 0}
     assert run.tags == ("mine", "defense:mat", "dataset:flickr30k", "model:ViT-B-16")
+
+
+def test_attack_config_tells_attacks_apart():
+    from mat_lightning.attacks import SGA, BertAttack
+    from mat_lightning.eval.robust import attack_config
+
+    assert attack_config(SGA()) == json.loads(json.dumps(attack_config(SGA())))  # JSON-able, reproducible
+    assert attack_config(PGD(eps_255=2)) != attack_config(PGD(eps_255=4))
+    assert attack_config(BertAttack(mlm="a")) != attack_config(BertAttack(mlm="b"))

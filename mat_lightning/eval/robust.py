@@ -374,7 +374,7 @@ class RobustRetrievalEval(L.Callback):
 
 
 def attack_config(attack: Attack) -> dict:
-    """A JSON-able, process-independent description of an attack's settings (class and public attributes).
+    """A JSON-able, process-independent description of an attack's settings (class, ε, public attributes).
 
     Sets (stop words) become their size and a content hash; other objects their class name.
     """
@@ -391,10 +391,8 @@ def attack_config(attack: Attack) -> dict:
             return f"<{len(v)} items {digest}>"
         return f"<{type(v).__name__}>"
 
-    return {
-        "class": type(attack).__name__,
-        **{k: value(v) for k, v in vars(attack).items() if not k.startswith("_")},
-    }
+    public = {k: value(v) for k, v in vars(attack).items() if not k.startswith("_")}
+    return {"class": type(attack).__name__, "eps_255": attack.eps_255, **public}  # ε is a property
 
 
 def _to_hwc(image: torch.Tensor):
