@@ -1,4 +1,7 @@
-"""The ``mat`` command: a LightningCLI (``fit | validate | test | robust-eval``) plus ``data check`` and ``report``.
+"""The ``mat`` command: a LightningCLI (``fit | validate | test | robust-eval``) plus ``data check`` and ``augment``.
+
+:mod:`mat_lightning.main` is the front door (the command list, short help, ``mat report``, ``mat eval``): it
+imports no training stack and hands the rest to :func:`main` here.
 
 * ``mat fit --config experiments/smoke.yaml [--model.lr=1e-4 ...]``: train, then test the final weights with the
   robust evaluation callback (``robust_eval:`` in the config).
@@ -10,15 +13,21 @@
 
 ``conf/base.yaml`` is a default config file of every subcommand. Each run gets its own directory,
 ``<run_root>/<experiment>/<timestamp>/``, holding ``config.yaml``, ``checkpoints/``, ``results.*``, ``curves.png``
-and the W&B files. User errors (:class:`~mat_lightning.errors.MatError`) print one message and exit with status 2.
+and the W&B files; the saved ``config.yaml`` re-runs into a new folder. A command that evaluated prints one results
+table last (wrapped to the terminal width, full metric names), then only the run folder; Lightning's metric table,
+W&B's summary and known third-party warnings are off. User errors (:class:`~mat_lightning.errors.MatError`) print
+one message and exit with status 2.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +47,8 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 class MatCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self.run_dir: str | None = None  # set once the config is parsed
+        self.started = time.time()
         sub_kwargs = {"parser_mode": "omegaconf"}
         if BASE_CONFIG.is_file():
             sub_kwargs["default_config_files"] = [str(BASE_CONFIG)]
@@ -48,7 +59,11 @@ class MatCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             # Attacks need autograd at validate/test time (Lightning issues #14497, #17653): not only a YAML default.
             trainer_defaults={"inference_mode": False},
-            parser_kwargs={"parser_mode": "omegaconf", **{s: dict(sub_kwargs) for s in SUBCOMMANDS}},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "prog": "mat",
+                **{s: dict(sub_kwargs) for s in SUBCOMMANDS},
+            },
             auto_configure_optimizers=False,
             args=args,
             run=run,
@@ -81,7 +96,8 @@ class MatCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         run_dir = cfg.trainer.default_root_dir or agreed_run_dir(Path(cfg.run_root) / cfg.experiment)
-        cfg.trainer.default_root_dir = run_dir
+        cfg.trainer.default_root_dir = self.run_dir = run_dir
+        _quiet_lightning(cfg)
         seed = cfg.seed_everything
         cfg.robust_eval.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
@@ -121,8 +137,14 @@ class MatCLI(LightningCLI):
                 rank_zero_warn(
                     "--test_ckpt=best but no best checkpoint was recorded: testing the final weights"
                 )
-        # verbose=False: RobustRetrievalEval prints a compact table instead of one line per logged scalar
+        # verbose=False: the command prints one results table at its end instead of one line per logged scalar
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+
+
+def _quiet_lightning(cfg) -> None:
+    """Lightning's "Test metric" table off (float32 noise, 50+ rows): the run prints its own results table."""
+    if "verbose" in cfg:
+        cfg.verbose = False
 
 
 def check_checkpoint(path: str) -> None:
@@ -206,6 +228,47 @@ def _export_alias(args: list[str]) -> list[str]:
     return out
 
 
+def _print_final(cli: MatCLI | None) -> None:
+    """The last lines of a command: the run's results table (when it wrote one), then only the run folder.
+
+    Printed after W&B has closed, on stdout (everything else goes to stderr), wrapped to the terminal width
+    (80 columns on a non-TTY: nohup, SLURM, tee) without shortening a metric name.
+    """
+    run_dir = getattr(cli, "run_dir", None)
+    if run_dir is None or int(os.environ.get("LOCAL_RANK", "0")) or int(os.environ.get("NODE_RANK", "0")):
+        return
+    from mat_lightning.eval.report import format_results
+
+    sys.stderr.flush()
+    results = Path(run_dir) / "results.json"
+    if results.is_file() and results.stat().st_mtime >= cli.started:
+        width = shutil.get_terminal_size((80, 24)).columns
+        print("\n" + format_results(json.loads(results.read_text()), width=max(width, 40)))
+    print(f"run folder: {run_dir}", flush=True)
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertising tips (litlogger) from its console log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _quiet_console() -> None:
+    """No avoidable warnings or banners: the results table is the run's summary."""
+    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's run summary dump and sync banner
+    # Lightning's own code calls torch's deprecated LeafSpec check (lightning/pytorch/utilities/_pytree.py)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # DDP: one warning per val/test metric. Those metrics are computed from embeddings gathered across ranks (the
+    # same value on every rank), so there is nothing for sync_dist to average.
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self.log\('(val|test)/", category=UserWarning
+    )
+    tip_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in tip_logger.filters):
+        tip_logger.addFilter(_DropTips())
+
+
 def _print_error(e: BaseException) -> None:
     msg = str(e)
     if "Original Traceback" in msg:  # from a DataLoader worker: keep the error line, not the worker's trace
@@ -227,18 +290,19 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     _setup_logging()
+    _quiet_console()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        from mat_lightning.main import front_door
+
+        argv = front_door(argv)  # help, report, eval -> test
+        if argv is None:
+            return
         if argv[:2] == ["data", "check"]:
             from mat_lightning.data.check import main as data_check
 
             data_check(argv[2:])
-            return
-        if argv[:1] == ["report"]:
-            from mat_lightning.eval.table import main as report
-
-            report(argv[1:])
             return
         if argv[:1] == ["augment"]:
             from mat_lightning.data.augment.generate import main as augment
@@ -247,14 +311,16 @@ def main(argv: list[str] | None = None) -> None:
             return
         if argv[:1] == ["robust-eval"]:
             argv = ["test", *_export_alias(argv[1:])]
+        cli = None
         try:
             if from_command_line:
                 sys.argv[1:] = argv  # DDP re-executes sys.argv in each process; keep it what we run
-                MatCLI()
+                cli = MatCLI()
             else:
-                MatCLI(args=argv)
+                cli = MatCLI(args=argv)
         finally:
             _finish_wandb()
+        _print_final(cli)
     except MatError as e:
         _print_error(e)
         sys.exit(2)
