@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
@@ -95,6 +96,7 @@ class MatCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        allow_tf32()
         run_dir = cfg.trainer.default_root_dir or agreed_run_dir(Path(cfg.run_root) / cfg.experiment)
         cfg.trainer.default_root_dir = self.run_dir = run_dir
         _quiet_lightning(cfg)
@@ -139,6 +141,15 @@ class MatCLI(LightningCLI):
                 )
         # verbose=False: the command prints one results table at its end instead of one line per logged scalar
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+
+
+def allow_tf32() -> None:
+    """On a CUDA GPU, fp32 matmuls and convolutions use TF32 tensor cores (``float32_matmul_precision="high"``):
+    ~8x the throughput of true fp32 on Ampere and later, at a 10-bit mantissa in the products. Off the GPU the
+    setting changes nothing, so it is left alone."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def _quiet_lightning(cfg) -> None:
