@@ -14,6 +14,12 @@ One torch thread, interleaved repetitions, medians (the machine is shared):
    with the tiny CLIP, on 1 and on 2 CPU processes (gloo, one thread each): images per second of the attacked pass
    (its ``seconds`` in results.json, which include gathering the embeddings) and the speed-up.
 
+6. The MAT training step (tiny CLIP, batch 128 of the synthetic world) in clean-step units against its floor
+   (:func:`bench_mat_step` says what the floor holds): ``mat_step_ratio``.
+7. Batched BertAttack vs the same attack assembled from TextAttack's components (50 synthetic-world captions): speed,
+   % of captions where both changed the same word, and R@1 after each attack.
+
+``python -m benchmarks.run --world-rows`` runs only rows 6 and 7 and merges them into an existing bench.json.
 Every ratio sits under a key containing ``ratio``; results go to ``runs/bench/bench.json``. ``BENCH_QUICK=1``
 shortens the tiny-size text attack run.
 """

@@ -29,7 +29,7 @@ from mat_lightning.attacks.adapters import load_textattack
 def build_textattack_attack(encoder, mlm, tok, stop_words, top_k: int = 10, max_length: int = 77):
     """(attack, wrapper): a ``textattack.Attack``; set ``wrapper.image_emb`` (float[D]) before each caption."""
     ta = load_textattack()
-    logging.getLogger("textattack").setLevel(logging.ERROR)  # "unknown goal function" notices
+    logging.getLogger(ta.shared.logger.name).setLevel(logging.ERROR)  # its "unknown goal function" notices
     from textattack.constraints.overlap import MaxWordsPerturbed
     from textattack.constraints.pre_transformation import RepeatModification, StopwordModification
     from textattack.goal_function_results import TextToTextGoalFunctionResult
