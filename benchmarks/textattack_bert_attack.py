@@ -20,6 +20,7 @@ its multi-sub-word handling), one caption at a time with its model-query cache.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
@@ -62,7 +63,6 @@ def build_textattack_attack(encoder, mlm, tok, stop_words, top_k: int = 10, max_
             return outputs
 
     wrapper = CosineWrapper()
-    goal = ImageCosineGoal(wrapper, model_batch_size=1024)
     transformation = WordSwapMaskedLM(
         method="bert-attack",
         masked_language_model=mlm,
@@ -75,7 +75,11 @@ def build_textattack_attack(encoder, mlm, tok, stop_words, top_k: int = 10, max_
         StopwordModification(stopwords=set(stop_words)),
         MaxWordsPerturbed(max_num_words=1),
     ]
-    return ta.Attack(goal, constraints, transformation, GreedyWordSwapWIR(wir_method="unk")), wrapper
+    with warnings.catch_warnings():  # its validators call the deprecated Logger.warn
+        warnings.simplefilter("ignore", DeprecationWarning)
+        goal = ImageCosineGoal(wrapper, model_batch_size=1024)
+        attack = ta.Attack(goal, constraints, transformation, GreedyWordSwapWIR(wir_method="unk"))
+    return attack, wrapper
 
 
 def textattack_captions(attack, wrapper, captions: list[str], image_emb: torch.Tensor) -> list[str]:
