@@ -40,7 +40,7 @@ from torch import Tensor
 from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.stopwords import STOP_WORDS
 from mat_lightning.errors import ConfigError
-from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.models.encoder import VLEncoder, encoder_device, require_local_or_online
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,13 @@ def load_mlm(spec: str) -> tuple[Any, Any]:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     path = resolve_mlm(spec)
+    require_local_or_online(
+        path,
+        "the masked LM of BERT-Attack",
+        "Give a local folder written by save_pretrained (e.g. huggingface-cli download bert-base-uncased "
+        "--local-dir <folder> on a machine with network) as the attack's mlm, or 'synthetic' for the synthetic "
+        "world's MLM.",
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path)
@@ -213,7 +220,7 @@ class BertAttack(Attack):
         """
         if self.max_words == 0 or not captions:
             return list(captions)
-        device = next(encoder.parameters()).device
+        device = encoder_device(encoder)
         orig_emb = self.encode(encoder, captions)  # (T, D)
         states = self._prepare(captions, device)
         self._rank_words(encoder, states, orig_emb)

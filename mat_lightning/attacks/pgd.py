@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
@@ -33,7 +34,7 @@ from mat_lightning.attacks.objectives import (
     caption_prototypes,
 )
 from mat_lightning.errors import ConfigError
-from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.models.encoder import VLEncoder, encode_image_unnormalised
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class PGD(Attack):
         if self.objective == "embedding_kl":
             g.clean_emb = encoder.encode_image(images)
         if self.objective == "embedding_l2":
-            g.reference_emb = encoder.encode_image(images, normalize=False)
+            g.reference_emb = encode_image_unnormalised(encoder, images)
         if self.objective == "cross_entropy":  # classes = the batch's images, each the mean of its captions
             g.class_emb, g.labels = caption_prototypes(g.text_emb, txt2img, images.shape[0])
         return g
@@ -157,10 +158,12 @@ class PGD(Attack):
                 adv = adv + eps * radius * direction / _l2(direction)
             adv = adv.clamp(0, 1)
         velocity = torch.zeros_like(adv)
+        # DESIGN §4: the keyword is passed only where it is needed (FARE), so DESIGN's encode_image(images) works
+        encode = encoder.encode_image if normalize else partial(encode_image_unnormalised, encoder)
         for _ in range(self.steps):
             adv.requires_grad_(True)
             inputs = [adv] + (views(adv, gen) if views is not None else [])
-            loss = sum(objective(encoder.encode_image(v, normalize=normalize), guidance) for v in inputs)
+            loss = sum(objective(encode(v), guidance) for v in inputs)
             (grad,) = torch.autograd.grad(loss, adv)
             grad = torch.nan_to_num(grad)
             adv = adv.detach()

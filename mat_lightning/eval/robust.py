@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from mat_lightning.attacks.base import Attack
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import ConfigError
+from mat_lightning.eval import rerank
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.report import atomic_write, write_results
-from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_from_ranks, retrieval_ranks
-from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_from_ranks
+from mat_lightning.models.encoder import VLEncoder, encoder_device
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def _encode_split(
     export: Path | None = None,
 ) -> tuple[RetrievalRanks, float, int, int]:
     bank = EmbeddingBank()
+    pixels = rerank.PixelBank() if rerank.wants_rerank(encoder) else None  # fusion models re-rank with pixels
     t0 = time.perf_counter()
     exported: list[dict] = []
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -60,11 +62,14 @@ def _encode_split(
             bank.add(
                 encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img
             )
+        if pixels is not None:
+            pixels.add(images, batch.image_ids, captions, batch.txt2img)
     seconds = time.perf_counter() - t0
     img, txt, txt2img, _ = bank.compute()
     if export is not None and exported:
         atomic_write(export / "captions.json", json.dumps(exported, indent=1))
-    return retrieval_ranks(img @ txt.T, txt2img), seconds, img.shape[0], txt.shape[0]
+    ranks = rerank.ranks(encoder, img, txt, txt2img, pixels)
+    return ranks, time.perf_counter() - t0 if pixels is not None else seconds, img.shape[0], txt.shape[0]
 
 
 def _export_batch(
@@ -111,16 +116,18 @@ def robust_retrieval(
         Rows ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_*", "asr_flip_*", "seconds"}``: first
         ``clean``, then per attack its configured budget, then the other budgets of the grid.
     """
-    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    device = torch.device(device) if device is not None else encoder_device(encoder)
     if torch.is_inference_mode_enabled():
         raise ConfigError("robust evaluation needs autograd: call it outside torch.inference_mode()")
     check_distinct_names(attacks)
-    was_training = encoder.training
-    encoder.eval()
+    was_training = getattr(encoder, "training", None)  # None: a duck-typed encoder without modes
+    if was_training is not None:
+        encoder.train(False)
     try:
         return _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir)
     finally:
-        encoder.train(was_training)
+        if was_training is not None:
+            encoder.train(was_training)
 
 
 def check_distinct_names(attacks: Sequence[Attack]) -> None:
