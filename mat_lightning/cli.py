@@ -29,6 +29,7 @@ from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.errors import ConfigError, MatError
 from mat_lightning.eval.robust import RobustRetrievalEval
 from mat_lightning.logging import SaveConfigToWandb
+from mat_lightning.models.encoder import LOCAL_MODELS
 from mat_lightning.module import NOT_A_MAT_CHECKPOINT, MatModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,13 @@ class MatCLI(LightningCLI):
             default="last",
             help="After fit, test the final weights (last) or the best checkpoint by clean validation recall (best).",
         )
+        parser.add_argument(
+            "--local_models",
+            type=dict[str, str],
+            default={},
+            help="Hub names mapped to local copies, e.g. {bert-base-uncased: /models/bert-base-uncased}: "
+            "every MLM and HF encoder source of the config named on the left loads from the right.",
+        )
         parser.add_lightning_class_args(RobustRetrievalEval, "robust_eval")
         parser.link_arguments("experiment", "robust_eval.experiment")
 
@@ -80,6 +88,8 @@ class MatCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        LOCAL_MODELS.clear()  # before the encoder and the attacks are built
+        LOCAL_MODELS.update(cfg.get("local_models") or {})
         # DDP re-executes this command in each process: the first process picks the folder, the others inherit it
         # through the environment (multi-node runs: pass --trainer.default_root_dir explicitly).
         is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0

@@ -40,7 +40,7 @@ from torch import Tensor
 from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.stopwords import STOP_WORDS
 from mat_lightning.errors import ConfigError
-from mat_lightning.models.encoder import VLEncoder, encoder_device, require_local_or_online
+from mat_lightning.models.encoder import VLEncoder, encoder_device, local_model, require_local_or_online
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ class CandidateGenerator(Protocol):
 
 
 def resolve_mlm(spec: str) -> str:
-    """``synthetic[:<preset>]`` -> the synthetic world's tiny MLM folder; anything else passes through."""
+    """``synthetic[:<preset>]`` -> the synthetic world's tiny MLM folder; a name in ``local_models`` -> its local
+    copy; anything else passes through."""
+    spec = local_model(spec)
     if not spec.startswith("synthetic"):
         return spec
     from mat_lightning import world

@@ -106,6 +106,15 @@ def encoder_device(encoder: object) -> torch.device:
     return torch.device(getattr(encoder, "device", "cpu"))
 
 
+# Hub names mapped to local copies for this process (``local_models:`` in a config; the CLI fills it).
+LOCAL_MODELS: dict[str, str] = {}
+
+
+def local_model(name: str) -> str:
+    """``name``'s local replacement from :data:`LOCAL_MODELS`, or ``name`` itself."""
+    return LOCAL_MODELS.get(name, name)
+
+
 def hub_offline() -> bool:
     """True when Hugging Face downloads are switched off (``HF_HUB_OFFLINE=1``, as on our machines and in tests)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -121,8 +130,8 @@ def require_local_or_online(source: str, what: str, how: str) -> None:
 
     A hub name whose files are already in the local Hugging Face cache is allowed (loading it needs no network).
     """
-    if Path(source).exists() or not hub_offline():
-        return
+    if Path(source).exists() or not hub_offline() or _looks_like_path(source):
+        return  # a local path that does not exist is the loader's "not found", not a download
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -322,6 +331,11 @@ def _check_open_clip_offline(model_name: str, pretrained: str | None, cache_dir:
             f"open_clip weights {model_name}/{pretrained} must be downloaded, but HF_HUB_OFFLINE=1 (no network) and "
             f"they are not in the local cache. {how}"
         ) from None
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything absolute, relative-dotted or deeper is a path."""
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
 
 
 def _looks_like_tag(spec: str) -> bool:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mat_lightning.errors import ConfigError
-from mat_lightning.models.encoder import VLEncoder, require_local_or_online
+from mat_lightning.models.encoder import VLEncoder, local_model, require_local_or_online
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def _load(loader, source: str, what: str, key: str, **kwargs):
         f"Give a local folder written by save_pretrained (config.json + weights + tokenizer files) as {key}; "
         "on a machine with network: huggingface-cli download <name> --local-dir <folder>."
     )
+    source = local_model(source)
     require_local_or_online(source, what, how)
     try:
         return loader.from_pretrained(source, **kwargs)
@@ -54,6 +55,7 @@ def _image_stats(source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean/std of the model's image processor, CLIP's when the folder has no ``preprocessor_config.json``."""
     from transformers import AutoImageProcessor
 
+    source = local_model(source)
     try:
         proc = AutoImageProcessor.from_pretrained(source)
         return tuple(proc.image_mean), tuple(proc.image_std)
@@ -106,7 +108,9 @@ class HFClipEncoder(_HFEncoder):
 
         key = "--model.encoder.init_args.source"
         self.model_name, self.pretrained = source, "hf"
-        self.model = _load(CLIPModel, source, "HF CLIP weights", key)
+        self.model = _load(
+            CLIPModel, source, "HF CLIP weights", key
+        ).train()  # from_pretrained leaves eval mode
         self.tokenizer = _load(AutoTokenizer, source, "the HF CLIP tokenizer", key)
         self.max_length = min(max_length, self.model.config.text_config.max_position_embeddings)
         self._init_pixels(source, self.model.config.vision_config.image_size)
@@ -165,7 +169,7 @@ class BlipRetrievalEncoder(_HFEncoder):
             raise ConfigError(f"rerank_k={rerank_k}, itm_batch_size={itm_batch_size}: both must be >= 1")
         key = "--model.encoder.init_args.source"
         self.model_name, self.pretrained = source, "hf"
-        self.model = _load(BlipForImageTextRetrieval, source, "BLIP retrieval weights", key)
+        self.model = _load(BlipForImageTextRetrieval, source, "BLIP retrieval weights", key).train()
         self.tokenizer = _load(AutoTokenizer, source, "the BLIP tokenizer", key)
         self.rerank_enabled, self.rerank_k, self.itm_batch_size = rerank, rerank_k, itm_batch_size
         self.max_length = max_length
