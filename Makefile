@@ -10,7 +10,7 @@ CFG = experiments/$(NAME).yaml
 # Tests never touch the network or a W&B account.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: help install test test-full lint experiment print-config eval table bench benchmark clean check-name
+.PHONY: help install test test-full lint experiment print-config eval table bench benchmark clean check-name grid gpu-check
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -67,6 +67,18 @@ benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations 
 	echo "benchmark wall time: $$(( ($$(date +%s) - start) / 60 )) min"
 	$(MAT) report $(BENCH_ROOT) --out $(BENCH_ROOT) --attacks clean pgd bert_attack sep_attack co_attack sga
 	$(MAT) report $(BENCH_ROOT) --out $(BENCH_ROOT)/r10 --metrics tr_r10 ir_r10 --attacks clean pgd bert_attack sep_attack co_attack sga
+
+DATA ?= flickr30k
+ROOT ?=
+grid:  ## The paper's grid on DATA=flickr30k|coco (ROOT=<data folder>): every experiments/DATA_*.yaml, then make table
+	@set -e; for f in experiments/$(DATA)_*.yaml; do n=$$(basename $$f .yaml); \
+	  case $$n in *_zeroshot) cmd=robust-eval;; *) cmd=fit;; esac; \
+	  echo "== $$n ($$cmd)"; \
+	  $(MAT) $$cmd --config $$f $(if $(ROOT),--data.root=$(ROOT)) $(QUIET) $(ARGS); \
+	done
+
+gpu-check:  ## GPU readiness (<= 5 min, no downloads): rates per stage, peak memory, projected grid hours
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 bench:  ## Speed/memory benchmarks, reported as ratios measured side by side
 	$(PY) -m benchmarks.run

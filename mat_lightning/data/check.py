@@ -6,6 +6,8 @@ Exits with status 2 and one message per kind of problem (naming the files) when 
 
 from __future__ import annotations
 
+from collections import Counter
+
 from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.table import Table
@@ -34,14 +36,18 @@ def main(argv: list[str]) -> None:
     dm.prepare_data()
     console = Console()
     table = Table(title=f"{dm.dataset} ({dm.root or 'synthetic world'})")
-    for col in ("split", "images", "captions", "captions/image", "status"):
+    for col in ("split", "layout", "images", "captions", "captions/image", "status"):
         table.add_column(col)
     problems: list[str] = []
     for _stage, split in dm.splits.items():
         try:
+            layout = dm.layout(split)
+        except DataError:
+            layout = "-"
+        try:
             records = dm.read_split(split)
         except DataError as e:
-            table.add_row(split, "-", "-", "-", "[red]error")
+            table.add_row(split, layout, "-", "-", "-", "[red]error")
             problems.append(str(e))
             continue
         bad: list[str] = []
@@ -53,11 +59,18 @@ def main(argv: list[str]) -> None:
                     bad.append(str(e))
         per = [len(r.captions) for r in records]
         status = "[green]ok" if not bad else f"[red]{len(bad)} bad images"
-        table.add_row(split, str(len(records)), str(sum(per)), f"{min(per)}-{max(per)}", status)
+        table.add_row(split, layout, f"{len(records):,}", f"{sum(per):,}", caption_counts(per), status)
         if bad:
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
             problems.append(
-                f"{len(bad)} images of split {split!r} cannot be used, e.g.\n  " + "\n  ".join(bad[:5])
+                f"{len(bad)} images of split {split!r} cannot be used:\n  " + "\n  ".join(bad[:20]) + more
             )
     console.print(table)
     if problems:
         raise DataError("\n".join(problems))
+
+
+def caption_counts(per_image: list[int]) -> str:
+    """``[5, 5, 6]`` -> ``"5 x2, 6 x1"``: how many images have each number of captions (COCO test: ten with 6)."""
+    counts = Counter(per_image)
+    return ", ".join(f"{n} x{counts[n]:,}" for n in sorted(counts))
