@@ -188,7 +188,7 @@ class BertAttack(Attack):
         image_emb = None
         if self.objective == "image_cosine":
             with torch.no_grad():
-                image_emb = encoder.encode_image(images)
+                image_emb = encoder.encode_image(images).float()  # bf16 under autocast: scores in fp32
         return AttackResult(images, self.perturb(encoder, captions, txt2img, self.objective, image_emb))
 
     # -- the batched algorithm ----------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ class BertAttack(Attack):
                 encoder.encode_text(texts[i : i + self.text_batch_size])
                 for i in range(0, len(texts), self.text_batch_size)
             ]
-        )
+        ).float()  # bf16 under autocast (bf16-mixed training): candidates are scored in fp32
 
     @torch.no_grad()
     def perturb(
