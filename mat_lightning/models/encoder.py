@@ -120,7 +120,7 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def require_local_or_online(source: str, what: str, how: str) -> None:
+def require_local_or_online(source: str, what: str, how: str, marker: str = "config.json") -> None:
     """Fail at once, with one message, when ``source`` is a hub name but downloads are off.
 
     Args:
@@ -128,14 +128,15 @@ def require_local_or_online(source: str, what: str, how: str) -> None:
         what: what the weights are, for the message (``"HF CLIP weights"``).
         how: how to give a local copy instead (the config key and the expected file or folder).
 
-    A hub name whose files are already in the local Hugging Face cache is allowed (loading it needs no network).
+    A hub name whose ``marker`` file is already in the local Hugging Face cache is allowed (loading it needs no
+    network).
     """
     if Path(source).exists() or not hub_offline() or _looks_like_path(source):
         return  # a local path that does not exist is the loader's "not found", not a download
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        if isinstance(try_to_load_from_cache(source, marker), str):
             return
     except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
         pass
@@ -314,7 +315,9 @@ def _check_open_clip_offline(model_name: str, pretrained: str | None, cache_dir:
         "--model.encoder.init_args.model_name=local-dir:/path/to/folder (pretrained: null)."
     )
     if model_name.startswith("hf-hub:"):
-        require_local_or_online(model_name.removeprefix("hf-hub:"), "open_clip model", how)
+        require_local_or_online(
+            model_name.removeprefix("hf-hub:"), "open_clip model", how, "open_clip_config.json"
+        )
         return
     if pretrained is None or not _looks_like_tag(pretrained) or model_name.startswith("local-dir:"):
         return
