@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         rates[f"eval_{row['attack']}"] = n / max(row["seconds"], 1e-9)
         print(
-            f"  eval_{row['attack']:<13} {rates[f'eval_' + row['attack']]:9.1f} images/s  ({n} images x 5 captions)"
+            f"  eval_{row['attack']:<13} {rates['eval_' + row['attack']]:9.1f} images/s  ({n} images x 5 captions)"
         )
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
