@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                 MatCLI(args=argv)
         finally:
             _finish_wandb()
+            LOCAL_MODELS.clear()  # this run's --local_models must not leak into the next run in the same process
     except MatError as e:
         _print_error(e)
         sys.exit(2)
