@@ -69,7 +69,9 @@ def _encode_split(
     if export is not None and exported:
         atomic_write(export / "captions.json", json.dumps(exported, indent=1))
     ranks = rerank.ranks(encoder, img, txt, txt2img, pixels)
-    return ranks, time.perf_counter() - t0 if pixels is not None else seconds, img.shape[0], txt.shape[0]
+    if pixels is not None:  # ITM re-ranking is part of a fusion model's evaluation cost
+        seconds = time.perf_counter() - t0
+    return ranks, seconds, img.shape[0], txt.shape[0]
 
 
 def _export_batch(
