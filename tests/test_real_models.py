@@ -418,3 +418,35 @@ def test_fare_objective_on_an_encoder_without_normalize_says_what_is_missing(tin
         PGD(steps=1).perturb(
             duck, images, embedding_l2, Guidance(reference_emb=torch.zeros(2, 8)), normalize=False
         )
+
+
+@pytest.mark.slow
+def test_blip_zeroshot_experiment_runs_through_the_cli_with_a_local_blip(blip_dir, tmp_path):
+    """The BLIP experiment file, on the tiny world, with a local tiny BLIP instead of the hub name (re-ranked)."""
+    from mat_lightning.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    main(
+        [
+            "test",
+            "--config",
+            str(repo / "experiments" / "flickr30k_blip_zeroshot.yaml"),
+            "--config",
+            str(repo / "conf" / "overlay" / "tiny.yaml"),
+            "--model.encoder=mat_lightning.models.hf.BlipRetrievalEncoder",
+            f"--model.encoder.init_args.source={blip_dir}",
+            "--model.encoder.init_args.rerank_k=4",
+            "--run_root",
+            str(tmp_path),
+        ]
+    )
+    results = json.loads(next(tmp_path.glob("*/*/results.json")).read_text())
+    assert results["model"] == f"{blip_dir}/hf"
+    assert [r["attack"] for r in results["rows"]] == [
+        "clean",
+        "pgd",
+        "bert_attack",
+        "sep_attack",
+        "co_attack",
+        "sga",
+    ]
