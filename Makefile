@@ -10,7 +10,7 @@ CFG = experiments/$(NAME).yaml
 # Tests never touch the network or a W&B account.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: help install test test-full lint experiment print-config eval table bench benchmark clean check-name grid gpu-check
+.PHONY: help install test test-full lint experiment print-config eval seeds table bench benchmark clean check-name grid gpu-check
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -39,8 +39,8 @@ check-name:
 experiment: check-name  ## Run experiments/NAME.yaml: make experiment NAME=smoke ARGS="--model.lr=1e-4"
 	$(MAT) fit --config $(CFG) --experiment=$(NAME) $(ARGS)
 
-print-config: check-name  ## Print the fully resolved config of NAME
-	$(MAT) fit --config $(CFG) --experiment=$(NAME) $(ARGS) --print_config
+print-config: check-name  ## Print the fully resolved config of NAME (a valid config: make print-config NAME=x > x.yaml)
+	@$(MAT) fit --config $(CFG) --experiment=$(NAME) $(ARGS) --print_config
 
 eval: check-name  ## Robust evaluation of a checkpoint: make eval NAME=smoke CKPT=runs/.../last.ckpt
 	$(MAT) robust-eval --config $(CFG) --experiment=$(NAME)-eval $(if $(CKPT),--ckpt_path=$(CKPT)) $(ARGS)
@@ -49,6 +49,22 @@ table:  ## Paper-style table of all runs under runs/ (or RUNS="dir ...")
 	$(MAT) report $(or $(RUNS),runs) --out $(or $(OUT),runs)
 
 SEEDS ?= 0 1 2
+RUN_ROOT ?= runs
+
+# Values reach the recipe through the environment, never pasted into shell code.
+seeds: export MAT_NAME = $(NAME)
+seeds: export MAT_SEEDS = $(SEEDS)
+seeds: export MAT_ARGS = $(ARGS)
+seeds: export MAT_RUN_ROOT = $(RUN_ROOT)
+seeds: check-name  ## Run NAME once per seed: make seeds NAME=smoke SEEDS="0 1 2", then make table (mean ± std)
+	@set -e; for s in $$MAT_SEEDS; do \
+	  case "$$s" in ''|*[!0-9]*) echo "error: SEEDS must be integers, got '$$s'" >&2; exit 2;; esac; \
+	done; \
+	for s in $$MAT_SEEDS; do \
+	  echo "== $$MAT_NAME seed $$s" >&2; \
+	  $(MAT) fit --config "experiments/$$MAT_NAME.yaml" --experiment="$$MAT_NAME" --seed_everything="$$s" \
+	    --run_root="$$MAT_RUN_ROOT" $$MAT_ARGS; \
+	done
 DEFENSES ?= clean image_at tecoa fare text_at mmcoa mat mat_1n
 ABLATIONS ?= eda rewrite i2t t2i image_aug all
 BENCH_ROOT ?= runs/benchmark
@@ -56,10 +72,9 @@ QUIET := --trainer.enable_progress_bar=false --robust_eval.progress=false
 
 benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations x 1 seed, then the table
 	@set -e; start=$$(date +%s); \
-	for d in $(DEFENSES); do for s in $(SEEDS); do \
-	  echo "== synthetic_$$d seed $$s"; \
-	  $(MAT) fit --config experiments/synthetic_$$d.yaml --seed_everything=$$s --run_root=$(BENCH_ROOT) $(QUIET) $(ARGS) > /dev/null; \
-	done; done; \
+	for d in $(DEFENSES); do \
+	  $(MAKE) -s seeds NAME=synthetic_$$d SEEDS="$(SEEDS)" RUN_ROOT=$(BENCH_ROOT) ARGS="$(QUIET) $(ARGS)" VENV=$(VENV) > /dev/null; \
+	done; \
 	for a in $(ABLATIONS); do \
 	  echo "== synthetic_mat_1n_$$a seed 0"; \
 	  $(MAT) fit --config experiments/synthetic_mat_1n_$$a.yaml --seed_everything=0 --run_root=$(BENCH_ROOT) $(QUIET) $(ARGS) > /dev/null; \
@@ -70,11 +85,15 @@ benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations 
 
 DATA ?= flickr30k
 ROOT ?=
+grid: export MAT_DATA = $(DATA)
+grid: export MAT_ROOT = $(ROOT)
+grid: export MAT_ARGS = $(ARGS)
 grid:  ## The paper's grid on DATA=flickr30k|coco (ROOT=<data folder>): every experiments/DATA_*.yaml, then make table
-	@set -e; for f in experiments/$(DATA)_*.yaml; do n=$$(basename $$f .yaml); \
-	  case $$n in *_zeroshot) cmd=robust-eval;; *) cmd=fit;; esac; \
-	  echo "== $$n ($$cmd)"; \
-	  $(MAT) $$cmd --config $$f $(if $(ROOT),--data.root=$(ROOT)) $(QUIET) $(ARGS); \
+	@set -e; case "$$MAT_DATA" in flickr30k|coco) ;; *) echo "error: DATA must be flickr30k or coco, got '$$MAT_DATA'" >&2; exit 2;; esac; \
+	for f in experiments/"$$MAT_DATA"_*.yaml; do n=$$(basename "$$f" .yaml); \
+	  case "$$n" in *_zeroshot) cmd=robust-eval;; *) cmd=fit;; esac; \
+	  echo "== $$n ($$cmd)" >&2; \
+	  $(MAT) $$cmd --config "$$f" $${MAT_ROOT:+--data.root="$$MAT_ROOT"} $(QUIET) $$MAT_ARGS; \
 	done
 
 gpu-check:  ## GPU readiness (<= 5 min, no downloads): rates per stage, peak memory, projected grid hours
