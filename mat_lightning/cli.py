@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -108,14 +109,21 @@ class MatCLI(LightningCLI):
 
     # -- one folder per run -------------------------------------------------------------------------------------------
 
+    def _parse_ckpt_path(self) -> None:
+        """Check the run name and the checkpoint first: LightningCLI reads the checkpoint's hyperparameters here,
+        with a bare ``torch.load`` (a traceback for a bad file) and before any of the hooks below."""
+        if self.config.get("subcommand"):
+            cfg = self.config[self.config.subcommand]
+            validate_experiment_name(cfg.experiment)
+            if cfg.get("ckpt_path") == "last":
+                cfg.ckpt_path = resolve_last_checkpoint(cfg.run_root, cfg.experiment)
+                rank_zero_info(f"--ckpt_path=last: {cfg.ckpt_path}")
+            if cfg.get("ckpt_path") not in (None, "best", "hpc", "registry"):
+                check_checkpoint(cfg.ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        validate_experiment_name(cfg.experiment)
-        if cfg.get("ckpt_path") == "last":
-            cfg.ckpt_path = resolve_last_checkpoint(cfg.run_root, cfg.experiment)
-            rank_zero_info(f"--ckpt_path=last: {cfg.ckpt_path}")
-        if cfg.get("ckpt_path") not in (None, "best", "hpc", "registry"):
-            check_checkpoint(cfg.ckpt_path)
         # DDP re-executes this command in each process: the first process picks the folder, the others inherit it
         # through the environment (multi-node runs: pass --trainer.default_root_dir explicitly).
         is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0
@@ -344,11 +352,23 @@ def user_error(e: BaseException) -> BaseException | None:
     return None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (a test's capture, a redirect), not the stream of the first call."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     """Our INFO messages (world building, results paths) on stderr; other libraries keep their own settings."""
     logger = logging.getLogger("mat_lightning")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[mat] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -360,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     Interruption.reset()
-    install_sigterm_handler()
+    previous_handler = install_sigterm_handler()
     try:
         _main(argv, from_command_line)
     except (SystemExit, KeyboardInterrupt) as e:
@@ -377,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         remove_failed_run_dirs()
         _print_error(found)
         sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     if Interruption.signal == "SIGTERM":  # received during an evaluation that then completed
         print(f"error: {interruption_message()}", file=sys.stderr)
         sys.exit(EXIT_SIGTERM)

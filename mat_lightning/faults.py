@@ -46,10 +46,11 @@ class Terminated(SystemExit):
     """SIGTERM outside a trainer loop (Lightning defers it to the next batch inside one)."""
 
 
-def install_sigterm_handler() -> None:
+def install_sigterm_handler():
     """Record SIGTERM, and stop at once unless a Lightning loop is running (it stops at its next batch).
 
-    Lightning composes its own SIGTERM handler with this one while it runs, so both see the signal.
+    Lightning composes its own SIGTERM handler with this one while it runs, so both see the signal. Returns the
+    handler it replaces.
     """
 
     def handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
@@ -57,7 +58,7 @@ def install_sigterm_handler() -> None:
         if not ResumableFit.running:
             raise Terminated(EXIT_SIGTERM)
 
-    signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, handler)
 
 
 class ResumableFit(L.Callback):
