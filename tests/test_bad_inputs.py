@@ -543,30 +543,3 @@ def test_real_command_bad_checkpoint_and_weights_recorded(tmp_path, bad_checkpoi
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --ckpt_path")
     assert not list(tmp_path.glob("*/*"))
-
-
-@pytest.mark.slow
-def test_real_command_sigterm_exits_143(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mat_lightning", "fit", *TINY, f"--run_root={tmp_path}"]
-        + [
-            "--trainer.max_epochs=50",
-            "--data.batch_size=32",
-            "--robust_eval.attacks=[]",
-            "--trainer.logger=false",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = 600
-    import time
-
-    t0 = time.time()
-    while not list(tmp_path.glob("*/*/checkpoints/last.ckpt")) and time.time() - t0 < deadline:
-        time.sleep(1)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in out + err and "--ckpt_path=last" in err
-    assert list(tmp_path.glob("*/*/checkpoints/interrupted.ckpt"))
