@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -543,3 +544,38 @@ def test_real_command_bad_checkpoint_and_weights_recorded(tmp_path, bad_checkpoi
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --ckpt_path")
     assert not list(tmp_path.glob("*/*"))
+
+
+@pytest.mark.slow
+def test_real_command_sigterm_exits_143_and_resumes(tmp_path):
+    """A real `mat fit` process, SIGTERM after its first epoch: status 143, one message, a resumable run."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "mat_lightning",
+        "fit",
+        *TINY,
+        f"--run_root={tmp_path}",
+        "--data.batch_size=32",
+    ]
+    cmd += ["--robust_eval.attacks=[]", "--data.max_eval_images=8"]
+    with (
+        open(tmp_path / "out", "w") as out,
+        open(tmp_path / "err", "w") as err,
+    ):  # files: a full pipe would block
+        proc = subprocess.Popen([*cmd, "--trainer.max_epochs=50"], stdout=out, stderr=err)
+        t0 = time.time()
+        while not list(tmp_path.glob("*/*/checkpoints/last.ckpt")) and time.time() - t0 < 300:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    output = (tmp_path / "out").read_text() + (tmp_path / "err").read_text()
+    assert proc.returncode == 143, output[-2000:]
+    assert "Traceback" not in output and "--ckpt_path=last" in output.splitlines()[-1]
+    assert list(tmp_path.glob("*/*/checkpoints/interrupted.ckpt"))
+    resumed = subprocess.run(
+        [*cmd, "--trainer.max_epochs=2", "--ckpt_path=last"], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (results,) = [p for p in tmp_path.glob("*/*/results.json")]
+    assert json.loads(results.read_text())["resumed_from"].endswith("last.ckpt")
