@@ -130,7 +130,10 @@ def test_make_passes_args_as_words_never_as_shell(tmp_path):
 # -- names, parse errors ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["../../../x", "a/b", ".hidden", "..", "a\\b", ""])
+@pytest.mark.parametrize(
+    "name",
+    ["../../../x", "a/b", ".hidden", *(pytest.param(n, marks=pytest.mark.slow) for n in ("..", "a\\b", ""))],
+)
 def test_experiment_names_cannot_leave_the_run_root(tmp_path, capfd, name):
     code, out = run_main(["fit", *TINY, f"--run_root={tmp_path / 'runs'}", f"--experiment={name}"], capfd)
     assert_one_error(code, out, "is not a run name")
@@ -149,6 +152,7 @@ def test_abbreviated_option_is_refused_and_the_error_is_last(tmp_path, capfd):
 # -- attacks and defenses: validation errors, no budget -----------------------------------------------------------------
 
 PGD = "mat_lightning.attacks.PGD"
+SLOW = pytest.mark.slow  # more cases of a kind the fast suite already covers
 BERT = "mat_lightning.attacks.BertAttack"
 
 
@@ -159,21 +163,30 @@ BERT = "mat_lightning.attacks.BertAttack"
             [f"--robust_eval.attacks=[{{class_path: {PGD}, init_args: {{objective: nosuch}}}}]"],
             ["objective='nosuch'"],
         ),
-        ([f"--robust_eval.attacks=[{{class_path: {PGD}, init_args: {{momentum: 2}}}}]"], ["momentum=2"]),
+        pytest.param(
+            [f"--robust_eval.attacks=[{{class_path: {PGD}, init_args: {{momentum: 2}}}}]"],
+            ["momentum=2"],
+            marks=SLOW,
+        ),
         (
             ["--model.defense=mat_lightning.defenses.TeCoA", "--model.defense.init_args.clean_weight=-1"],
             ["-1"],
         ),
         ([f"--robust_eval.attacks=[{{class_path: {PGD}, init_args: {{steps: 0}}}}]"], ["pgd", "steps=0"]),
-        ([f"--robust_eval.attacks=[{{class_path: {PGD}, init_args: {{eps_255: 0}}}}]"], ["eps_255=0"]),
+        pytest.param(
+            [f"--robust_eval.attacks=[{{class_path: {PGD}, init_args: {{eps_255: 0}}}}]"],
+            ["eps_255=0"],
+            marks=SLOW,
+        ),
         ([f"--robust_eval.attacks=[{{class_path: {BERT}, init_args: {{max_words: 0}}}}]"], ["max_words=0"]),
         (
             [f"--robust_eval.attacks=[{{class_path: {PGD}}}]", "--robust_eval.eps_255_grid=[2, 0]"],
             ["eps_255_grid", "> 0"],
         ),
-        (
+        pytest.param(
             [f"--robust_eval.attacks=[{{class_path: {PGD}}}]", "--robust_eval.eps_255_grid=[-1]"],
             ["eps_255_grid"],
+            marks=SLOW,
         ),
     ],
     ids=["objective", "momentum", "defense", "steps0", "eps0", "max_words0", "grid0", "grid_negative"],
@@ -296,7 +309,12 @@ ENTRY_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(ENTRY_CASES))
+FAST_ENTRY_CASES = ("image_number", "caption_dict", "karpathy_filename", "bomb")
+
+
+@pytest.mark.parametrize(
+    "case", [c if c in FAST_ENTRY_CASES else pytest.param(c, marks=SLOW) for c in sorted(ENTRY_CASES)]
+)
 def test_bad_entries_and_images_name_the_file(custom_data, capfd, case):
     data, message = ENTRY_CASES[case]
     ann = custom_data / "ann.json"
@@ -522,6 +540,16 @@ def test_sigterm_mid_fit_then_resume_ends_at_the_uninterrupted_weights(tmp_path,
     assert results["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
     assert results["weights"] == "final" and results["subcommand"] == "fit"
 
+    # the same weights evaluated alone, and the starting weights: results.json says which were tested
+    for ckpt, weights in ((resumed, str(resumed)), (None, "start")):
+        extra = [f"--ckpt_path={ckpt}"] if ckpt else []
+        code, out = run_main(["robust-eval", *TINY, f"--run_root={tmp_path / 'eval'}", *extra], capfd)
+        assert code == 0, out[-2000:]
+        (results,) = (tmp_path / "eval").glob("*/*/results.json")
+        payload = json.loads(results.read_text())
+        assert payload["weights"] == weights and payload["subcommand"] == "robust-eval"
+        results.unlink()
+
 
 def test_sigint_mid_fit_exits_130_with_a_checkpoint(tmp_path, capfd, monkeypatch):
     _with_signal(monkeypatch, signal.SIGINT, step=1)
@@ -533,7 +561,8 @@ def test_sigint_mid_fit_exits_130_with_a_checkpoint(tmp_path, capfd, monkeypatch
 # -- real processes -----------------------------------------------------------------------------------------------------
 
 
-def test_real_command_bad_checkpoint_and_weights_recorded(tmp_path, bad_checkpoints):
+@pytest.mark.slow
+def test_real_command_bad_checkpoint(tmp_path, bad_checkpoints):
     proc = subprocess.run(
         [sys.executable, "-m", "mat_lightning", "robust-eval", *TINY, f"--run_root={tmp_path}"]
         + [f"--ckpt_path={bad_checkpoints['random']}"],
