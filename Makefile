@@ -67,8 +67,12 @@ print-config:  ## Print the fully resolved config of NAME
 
 eval:  ## Robust evaluation of a checkpoint: make eval NAME=smoke CKPT=runs/.../last.ckpt (or CKPT=last)
 	@$(VARS) check_name "$$name" NAME; ckpt_arg=(); \
+	if [[ $$ckpt == last ]]; then \
+	  ckpt=$$(find "runs/$$name" -path '*/checkpoints/last.ckpt' -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-); \
+	  [[ -n $$ckpt ]] || { printf "error: CKPT=last: no runs/%s/*/checkpoints/last.ckpt\n" "$$name" >&2; exit 2; }; \
+	fi; \
 	if [[ -n $$ckpt ]]; then \
-	  if [[ $$ckpt != last && ! -f $$ckpt ]]; then \
+	  if [[ ! -f $$ckpt ]]; then \
 	    printf "error: CKPT='%s': no such file (give a checkpoint file, or CKPT=last)\n" "$$ckpt" >&2; exit 2; \
 	  fi; \
 	  ckpt_arg=(--ckpt_path="$$ckpt"); \

@@ -10,7 +10,9 @@
 
 ``conf/base.yaml`` is a default config file of every subcommand. Each run gets its own directory,
 ``<run_root>/<experiment>/<timestamp>/``, holding ``config.yaml``, ``checkpoints/``, ``results.*``, ``curves.png``
-and the W&B files. User errors (:class:`~mat_lightning.errors.MatError`) print one message and exit with status 2.
+and the W&B files. User errors (:class:`~mat_lightning.errors.MatError`, also when jsonargparse or Lightning wrapped
+it, and Lightning's ``MisconfigurationException``) print one ``error:`` line and exit with status 2; SIGINT exits 130
+and SIGTERM 143, after ``fit`` saved ``checkpoints/interrupted.ckpt`` (:mod:`mat_lightning.faults`).
 """
 
 from __future__ import annotations

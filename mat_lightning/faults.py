@@ -111,7 +111,7 @@ class ResumableFit(L.Callback):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         path = Path(trainer.default_root_dir) / "checkpoints" / INTERRUPTED_CKPT
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # resumable: optimiser, loops and callbacks too
         Interruption.checkpoint = str(path)
 
 
