@@ -608,3 +608,21 @@ def test_real_command_sigterm_exits_143_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     (results,) = [p for p in tmp_path.glob("*/*/results.json")]
     assert json.loads(results.read_text())["resumed_from"].endswith("last.ckpt")
+
+
+def test_a_copy_of_a_training_image_in_the_val_split_is_refused(tmp_path, capfd):
+    for name, colour in (("a.png", 10), ("b.png", 120)):
+        Image.new("RGB", (16, 16), (colour, 0, 0)).save(tmp_path / name)
+    (tmp_path / "copy_of_a.png").write_bytes((tmp_path / "a.png").read_bytes())
+    files = {}
+    for split, images in (("train", ["a.png", "b.png"]), ("val", ["copy_of_a.png"])):
+        files[split] = tmp_path / f"{split}.json"
+        files[split].write_text(json.dumps([{"image": i, "caption": f"picture {i}"} for i in images]))
+    annotations = f"--data.annotations={{train: {files['train']}, val: {files['val']}, test: {files['val']}}}"
+    code, out = run_main(
+        ["fit", *TINY, *FAST_FIT, f"--run_root={tmp_path / 'runs'}", "--data.dataset=custom", annotations]
+        + [f"--data.root={tmp_path}", "--data.batch_size=2"],
+        capfd,
+    )
+    assert_one_error(code, out, "copy_of_a.png", "a.png", "'train' split")
+    assert not list((tmp_path / "runs").glob("*/*")), "a failed run left its folder"

@@ -28,7 +28,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mat_lightning.data.augment.pairs import OneToMany
-from mat_lightning.data.formats import Format, ImageCaptions, check_images_exist, read_annotations
+from mat_lightning.data.formats import (
+    Format,
+    ImageCaptions,
+    check_images_exist,
+    read_annotations,
+    shared_images,
+)
 from mat_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -381,6 +387,20 @@ class RetrievalDataModule(L.LightningDataModule):
             self.eval_sets[stage] = EvalSet(store, records)
         return self.eval_sets[stage]
 
+    def check_disjoint(self, stage: str) -> None:
+        """The ``stage`` split shares no image (path or content) with the train split, if training has read it."""
+        train, split = self.splits["fit"], self.splits[stage]
+        if train not in self.records or split == train:
+            return
+        pairs = shared_images(self.records[train], self.read_split(split))
+        if pairs:
+            a, b = pairs[0]
+            raise DataError(
+                f"{len(pairs)} images of the {split!r} split are also in the {train!r} split (the same file or the "
+                f"same content), e.g. {b.image_path} and {a.image_path}: evaluation on training images inflates "
+                "recall. Remove them from one split (mat data check lists them)"
+            )
+
     def setup(self, stage: str) -> None:
         size = self._resolve_image_size()
         if stage == "fit" and self.train_set is None:
@@ -396,8 +416,10 @@ class RetrievalDataModule(L.LightningDataModule):
             log.info("train split %r: %d images", self.splits["fit"], len(records))
         if stage in ("fit", "validate"):
             self.eval_set("validate")
+            self.check_disjoint("validate")
         if stage == "test":
             self.eval_set("test")
+            self.check_disjoint("test")
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(

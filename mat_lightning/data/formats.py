@@ -211,6 +211,40 @@ def read_annotations(
     return records
 
 
+def shared_images(
+    first: list[ImageCaptions], second: list[ImageCaptions]
+) -> list[tuple[ImageCaptions, ImageCaptions]]:
+    """Pairs of records of two splits that are the same image: the same file, or files with the same bytes.
+
+    Only files of equal size are hashed, so checking two large splits costs little more than a ``stat`` per file.
+    """
+    import hashlib
+
+    def size(r: ImageCaptions) -> int:
+        try:
+            return r.image_path.stat().st_size
+        except OSError:
+            return -1
+
+    by_size: dict[int, list[ImageCaptions]] = {}
+    for r in first:
+        by_size.setdefault(size(r), []).append(r)
+    digests: dict[Path, str] = {}
+
+    def digest(r: ImageCaptions) -> str:
+        if r.image_path not in digests:
+            digests[r.image_path] = hashlib.sha256(r.image_path.read_bytes()).hexdigest()
+        return digests[r.image_path]
+
+    pairs = []
+    for r in second:
+        for other in by_size.get(size(r), []) if size(r) >= 0 else []:
+            if other.image_path == r.image_path or digest(other) == digest(r):
+                pairs.append((other, r))
+                break
+    return pairs
+
+
 def check_images_exist(records: list[ImageCaptions], annotation: str | Path, limit: int = 5) -> None:
     """Raise one DataError listing the first missing image files."""
     missing = [r.image_path for r in records if not r.image_path.is_file()]
