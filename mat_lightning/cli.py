@@ -77,6 +77,7 @@ class MatCLI(LightningCLI):
             # Attacks need autograd at validate/test time (Lightning issues #14497, #17653): not only a YAML default.
             trainer_defaults={"inference_mode": False},
             parser_kwargs={
+                "prog": "mat",
                 "parser_mode": "omegaconf",
                 "allow_abbrev": False,
                 **{s: dict(sub_kwargs) for s in SUBCOMMANDS},

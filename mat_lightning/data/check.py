@@ -20,7 +20,10 @@ from mat_lightning.errors import DataError
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(
-        prog="mat data check", description=__doc__.splitlines()[0], parser_mode="omegaconf"
+        prog="mat data check",
+        description=__doc__.splitlines()[0],
+        parser_mode="omegaconf",
+        allow_abbrev=False,
     )
     parser.add_argument(
         "-c", "--config", action="config", help="A config file with a data: section (an experiment)."
