@@ -8,6 +8,7 @@ SEEDS ?= 0 1 2
 DEFENSES ?= clean image_at tecoa fare text_at mmcoa mat mat_1n
 ABLATIONS ?= eda rewrite i2t t2i image_aug all
 BENCH_ROOT ?= runs/benchmark
+RUN_ROOT ?= runs
 # Tests never touch the network or a W&B account.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 QUIET := --trainer.enable_progress_bar=false --robust_eval.progress=false
@@ -15,14 +16,14 @@ QUIET := --trainer.enable_progress_bar=false --robust_eval.progress=false
 # User values never become shell or Make text. `$(call q,X)` is X's raw text (`value`: no Make expansion) as one
 # single-quoted shell word; recipes read them as shell variables and quote every use. `unexport`: Make would
 # otherwise expand command-line variables (running any `$(shell ...)` in them) to export them to every recipe.
-USER_VARS := VENV NAME ARGS CKPT RUNS OUT SEEDS DEFENSES ABLATIONS BENCH_ROOT
+USER_VARS := VENV NAME ARGS CKPT RUNS OUT SEEDS DEFENSES ABLATIONS BENCH_ROOT RUN_ROOT
 unexport $(USER_VARS)
 q = '$(subst ','\'',$(value $(1)))'
 # Shell prelude of the recipes: user values as shell variables, ARGS split on blanks only (`set -f`: no globbing;
 # a split word is never re-parsed, so `;`, `$(...)` and backticks in it are plain characters), and check_name.
 VARS = set -f; venv=$(call q,VENV); name=$(call q,NAME); args=$(call q,ARGS); ckpt=$(call q,CKPT); \
 	runs=$(call q,RUNS); out=$(call q,OUT); seeds=$(call q,SEEDS); defenses=$(call q,DEFENSES); \
-	ablations=$(call q,ABLATIONS); bench_root=$(call q,BENCH_ROOT); extra=($$args); mat="$$venv/bin/mat"; \
+	ablations=$(call q,ABLATIONS); bench_root=$(call q,BENCH_ROOT); run_root=$(call q,RUN_ROOT); extra=($$args); mat="$$venv/bin/mat"; \
 	py="$$venv/bin/python"; \
 	check_name() { \
 	  if [[ ! $$1 =~ ^[A-Za-z0-9_]+$$ ]]; then \
@@ -31,9 +32,14 @@ VARS = set -f; venv=$(call q,VENV); name=$(call q,NAME); args=$(call q,ARGS); ck
 	    printf "error: no experiment '%s': experiments/%s.yaml does not exist. Known: %s\n" "$$1" "$$1" \
 	      "$$(ls experiments | sed -n 's/\.yaml$$//p' | tr '\n' ' ')" >&2; exit 2; \
 	  fi; \
+	}; \
+	check_seeds() { \
+	  for s in $$seeds; do \
+	    [[ $$s =~ ^[0-9]+$$ ]] || { printf "error: SEEDS must be integers, got '%s'\n" "$$s" >&2; exit 2; }; \
+	  done; \
 	};
 
-.PHONY: help install test test-full lint experiment print-config eval table bench benchmark clean
+.PHONY: help install test test-full lint experiment print-config eval seeds table bench benchmark clean
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -61,7 +67,7 @@ experiment:  ## Run experiments/NAME.yaml: make experiment NAME=smoke ARGS="--mo
 	@$(VARS) check_name "$$name" NAME; \
 	"$$mat" fit --config "experiments/$$name.yaml" --experiment="$$name" "$${extra[@]}"
 
-print-config:  ## Print the fully resolved config of NAME
+print-config:  ## Print the fully resolved config of NAME (a valid config: make print-config NAME=x > x.yaml)
 	@$(VARS) check_name "$$name" NAME; \
 	"$$mat" fit --config "experiments/$$name.yaml" --experiment="$$name" "$${extra[@]}" --print_config
 
@@ -79,6 +85,14 @@ eval:  ## Robust evaluation of a checkpoint: make eval NAME=smoke CKPT=runs/.../
 	fi; \
 	"$$mat" robust-eval --config "experiments/$$name.yaml" --experiment="$$name-eval" "$${ckpt_arg[@]}" "$${extra[@]}"
 
+seeds:  ## Run NAME once per seed: make seeds NAME=smoke SEEDS="0 1 2", then make table (mean ± std)
+	@$(VARS) set -e; check_name "$$name" NAME; check_seeds; \
+	for s in $$seeds; do \
+	  echo "== $$name seed $$s" >&2; \
+	  "$$mat" fit --config "experiments/$$name.yaml" --experiment="$$name" --seed_everything="$$s" \
+	    --run_root="$$run_root" "$${extra[@]}"; \
+	done
+
 table:  ## Paper-style table of all runs under runs/ (or RUNS="dir ...")
 	@$(VARS) runs_list=($${runs:-runs}); \
 	"$$mat" report "$${runs_list[@]}" --out "$${out:-runs}"
@@ -87,7 +101,7 @@ benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations 
 	@$(VARS) set -e; \
 	for d in $$defenses; do check_name "synthetic_$$d" DEFENSES; done; \
 	for a in $$ablations; do check_name "synthetic_mat_1n_$$a" ABLATIONS; done; \
-	for s in $$seeds; do [[ $$s =~ ^[0-9]+$$ ]] || { printf "error: SEEDS: '%s' is not an integer\n" "$$s" >&2; exit 2; }; done; \
+	check_seeds; \
 	start=$$(date +%s); \
 	for d in $$defenses; do for s in $$seeds; do \
 	  echo "== synthetic_$$d seed $$s"; \

@@ -7,6 +7,9 @@
 2. Image attack protocol: each image attacked once with all its captions (ours, SGA's protocol) vs. once per caption
    (Co-Attack's script), same PGD: seconds and ratio.
 3. recall@K at COCO-5k size (5,000 x 25,010): our chunked ranks vs. a full-sort reference: seconds and ratio.
+4. Robust evaluation under DDP: ``mat robust-eval`` (PGD, 10 steps, ``split_contrastive``) on the synthetic test split
+   with the tiny CLIP, on 1 and on 2 CPU processes (gloo, one thread each): images per second of the attacked pass
+   (its ``seconds`` in results.json, which include gathering the embeddings) and the speed-up.
 
 Results are printed and written to ``runs/bench/bench.json``.
 """
@@ -101,6 +104,48 @@ def bench_recall() -> dict:
     }
 
 
+DDP_SUITE = """
+attacks:
+  - class_path: mat_lightning.attacks.PGD
+    init_args: {eps_255: 2, steps: 10, step_255: 0.5, objective: split_contrastive}
+"""
+
+
+def bench_ddp_robust_eval(processes: tuple[int, ...] = (1, 2)) -> dict:
+    import subprocess
+    import sys
+
+    root = REPO / "runs" / "bench" / "ddp"
+    root.mkdir(parents=True, exist_ok=True)
+    suite = root / "suite.yaml"
+    suite.write_text(DDP_SUITE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env.pop("MAT_RUN_DIR", None)
+    out: dict = {}
+    for n in processes:
+        run_dir = root / f"processes{n}"
+        cmd = [
+            *(sys.executable, "-m", "mat_lightning", "robust-eval", f"--robust_eval={suite}"),
+            *("--trainer.accelerator=cpu", f"--trainer.devices={n}", "--trainer.logger=false"),
+            *(["--trainer.strategy=ddp"] if n > 1 else []),
+            *("--trainer.enable_progress_bar=false", "--robust_eval.progress=false"),
+            f"--trainer.default_root_dir={run_dir}",
+        ]
+        subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
+        result = json.loads((run_dir / "results.json").read_text())
+        pgd = next(r for r in result["rows"] if r["attack"] == "pgd")
+        out[f"processes_{n}"] = {
+            "images": result["n_images"],
+            "seconds": pgd["seconds"],
+            "images_per_s": round(result["n_images"] / pgd["seconds"], 1),
+            "tr_r1": pgd["tr_r1"],
+        }
+    first, last = out[f"processes_{processes[0]}"], out[f"processes_{processes[-1]}"]
+    out["speedup"] = round(last["images_per_s"] / first["images_per_s"], 2)
+    out["same_rows"] = len({v["tr_r1"] for k, v in out.items() if k.startswith("processes")}) == 1
+    return out
+
+
 def main() -> None:
     from mat_lightning import world
     from mat_lightning.models.encoder import OpenClipEncoder
@@ -129,6 +174,7 @@ def main() -> None:
         encoder, x, [c for c, s in zip(captions, sel, strict=True) if s], txt2img[sel]
     )
     results["recall_coco_size"] = bench_recall()
+    results["robust_eval_ddp_cpu"] = bench_ddp_robust_eval()
     out = REPO / "runs" / "bench" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

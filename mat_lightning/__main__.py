@@ -1,5 +1,5 @@
 """``python -m mat_lightning`` is the ``mat`` command."""
 
-from mat_lightning.cli import main
+from mat_lightning.main import main
 
 main()

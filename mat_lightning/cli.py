@@ -1,4 +1,7 @@
-"""The ``mat`` command: a LightningCLI (``fit | validate | test | robust-eval``) plus ``data check`` and ``report``.
+"""The ``mat`` command: a LightningCLI (``fit | validate | test | robust-eval``) plus ``data check`` and ``augment``.
+
+:mod:`mat_lightning.main` is the front door (the command list, short help, ``mat report``, ``mat eval``): it
+imports no training stack and hands the rest to :func:`main` here.
 
 * ``mat fit --config experiments/smoke.yaml [--model.lr=1e-4 ...]``: train, then test the final weights with the
   robust evaluation callback (``robust_eval:`` in the config).
@@ -10,13 +13,17 @@
 
 ``conf/base.yaml`` is a default config file of every subcommand. Each run gets its own directory,
 ``<run_root>/<experiment>/<timestamp>/``, holding ``config.yaml``, ``checkpoints/``, ``results.*``, ``curves.png``
-and the W&B files. User errors (:class:`~mat_lightning.errors.MatError`, also when jsonargparse or Lightning wrapped
-it, and Lightning's ``MisconfigurationException``) print one ``error:`` line and exit with status 2; SIGINT exits 130
-and SIGTERM 143, after ``fit`` saved ``checkpoints/interrupted.ckpt`` (:mod:`mat_lightning.faults`).
+and the W&B files; the saved ``config.yaml`` re-runs into a new folder. A command that evaluated prints one results
+table last (wrapped to the terminal width, full metric names), then only the run folder; Lightning's metric table,
+W&B's summary and known third-party warnings are off. User errors (:class:`~mat_lightning.errors.MatError`, also when
+jsonargparse or Lightning wrapped it, and Lightning's ``MisconfigurationException``) print one ``error:`` line and
+exit with status 2; SIGINT exits 130 and SIGTERM 143, after ``fit`` saved ``checkpoints/interrupted.ckpt``
+(:mod:`mat_lightning.faults`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -24,11 +31,12 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.errors import ConfigError, MatError
@@ -64,7 +72,9 @@ class MatArgumentParser(LightningArgumentParser):
 
 class MatCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, alias: str | None = None) -> None:
-        self.alias = alias  # the subcommand the user typed (robust-eval runs as test)
+        self.alias = alias  # the subcommand the user typed (robust-eval and eval run as test)
+        self.run_dir: str | None = None  # set once the config is parsed
+        self.started = time.time()
         # allow_abbrev=False: --trainer.max_epoch=3 is an error, not max_epochs by prefix matching
         sub_kwargs = {"parser_mode": "omegaconf", "allow_abbrev": False}
         if BASE_CONFIG.is_file():
@@ -127,15 +137,9 @@ class MatCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        # DDP re-executes this command in each process: the first process picks the folder, the others inherit it
-        # through the environment (multi-node runs: pass --trainer.default_root_dir explicitly).
-        is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0
-        if is_child and "MAT_RUN_DIR" in os.environ:
-            run_dir = os.environ["MAT_RUN_DIR"]
-        else:
-            run_dir = cfg.trainer.default_root_dir or new_run_dir(Path(cfg.run_root) / cfg.experiment)
-            os.environ["MAT_RUN_DIR"] = run_dir
-        cfg.trainer.default_root_dir = run_dir
+        run_dir = cfg.trainer.default_root_dir or agreed_run_dir(Path(cfg.run_root) / cfg.experiment)
+        cfg.trainer.default_root_dir = self.run_dir = run_dir
+        _quiet_lightning(cfg)
         seed = cfg.seed_everything
         cfg.robust_eval.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
@@ -208,8 +212,14 @@ class MatCLI(LightningCLI):
         evaluator = next((c for c in self.trainer.callbacks if isinstance(c, RobustRetrievalEval)), None)
         if evaluator is not None:
             evaluator.weights = weights
-        # verbose=False: RobustRetrievalEval prints a compact table instead of one line per logged scalar
+        # verbose=False: the command prints one results table at its end instead of one line per logged scalar
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+
+
+def _quiet_lightning(cfg) -> None:
+    """Lightning's "Test metric" table off (float32 noise, 50+ rows): the run prints its own results table."""
+    if "verbose" in cfg:
+        cfg.verbose = False
 
 
 def validate_experiment_name(name: object) -> None:
@@ -275,9 +285,42 @@ def check_checkpoint_fits(model, path: str) -> None:
         )
 
 
-_created_run_dirs: list[
-    Path
-] = []  # made by this process: removed again if the run fails before it saves anything
+# made by this process: removed again if the run fails before it saves anything
+_created_run_dirs: list[Path] = []
+
+
+def agreed_run_dir(parent: Path) -> str:
+    """The run folder, the same in every process of a distributed run.
+
+    * Lightning's own DDP launcher re-executes the command on one node: the first process picks a new timestamped
+      folder and its children inherit it through ``MAT_RUN_DIR``.
+    * Processes started by a launcher (``torchrun``, ``srun``), possibly on several nodes, cannot inherit anything
+      from each other: they name the folder after the launcher's id of the job, the same everywhere,
+      ``parent/torchrun-<TORCHELASTIC_RUN_ID>`` or ``parent/slurm-<SLURM_JOB_ID>.<SLURM_STEP_ID>`` (a requeued job
+      reuses its folder). Give ``--trainer.default_root_dir`` to choose the folder yourself.
+    * One process: a new timestamped folder, ``parent/<YYYYmmdd-HHMMSS>``.
+    """
+    launcher_id = launcher_run_id()
+    if launcher_id is not None:
+        run_dir = parent / launcher_id
+        run_dir.mkdir(parents=True, exist_ok=True)  # every node's processes make it (a shared file system)
+    elif int(os.environ.get("LOCAL_RANK", "0")) > 0 and "MAT_RUN_DIR" in os.environ:
+        return os.environ["MAT_RUN_DIR"]
+    else:
+        run_dir = Path(new_run_dir(parent))
+    os.environ["MAT_RUN_DIR"] = str(run_dir)  # for the children Lightning's launcher starts
+    return str(run_dir)
+
+
+def launcher_run_id() -> str | None:
+    """A name shared by every process that an external launcher started for one multi-process run, else None."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1")) > 1 and env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
+        step = env.get("SLURM_STEP_ID")
+        return f"slurm-{env['SLURM_JOB_ID']}" + (f".{step}" if step is not None else "")
+    return None
 
 
 def new_run_dir(parent: Path) -> str:
@@ -334,6 +377,47 @@ def _export_alias(args: list[str]) -> list[str]:
     return out
 
 
+def _print_final(cli: MatCLI | None) -> None:
+    """The last lines of a command: the run's results table (when it wrote one), then only the run folder.
+
+    Printed after W&B has closed, on stdout (everything else goes to stderr), wrapped to the terminal width
+    (80 columns on a non-TTY: nohup, SLURM, tee) without shortening a metric name.
+    """
+    run_dir = getattr(cli, "run_dir", None)
+    if run_dir is None or int(os.environ.get("LOCAL_RANK", "0")) or int(os.environ.get("NODE_RANK", "0")):
+        return
+    from mat_lightning.eval.report import format_results
+
+    sys.stderr.flush()
+    results = Path(run_dir) / "results.json"
+    if results.is_file() and results.stat().st_mtime >= cli.started:
+        width = shutil.get_terminal_size((80, 24)).columns
+        print("\n" + format_results(json.loads(results.read_text()), width=max(width, 40)))
+    print(f"run folder: {run_dir}", flush=True)
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertising tips (litlogger) from its console log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _quiet_console() -> None:
+    """No avoidable warnings or banners: the results table is the run's summary."""
+    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's run summary dump and sync banner
+    # Lightning's own code calls torch's deprecated LeafSpec check (lightning/pytorch/utilities/_pytree.py)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # DDP: one warning per val/test metric. Those metrics are computed from embeddings gathered across ranks (the
+    # same value on every rank), so there is nothing for sync_dist to average.
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self.log\('(val|test)/", category=UserWarning
+    )
+    tip_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in tip_logger.filters):
+        tip_logger.addFilter(_DropTips())
+
+
 def _print_error(e: BaseException) -> None:
     msg = str(e)
     if "Original Traceback" in msg:  # from a DataLoader worker: keep the error line, not the worker's trace
@@ -374,12 +458,14 @@ def _setup_logging() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[mat] %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        # one voice per distributed run: the other ranks report warnings and errors only
+        logger.setLevel(logging.INFO if rank_zero_only.rank == 0 else logging.WARNING)
         logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> None:
     _setup_logging()
+    _quiet_console()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     Interruption.reset()
@@ -408,16 +494,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str], from_command_line: bool) -> None:
-    alias = argv[0] if argv[:1] == ["robust-eval"] else None
+    from mat_lightning.main import front_door
+
+    alias = argv[0] if argv[:1] in (["robust-eval"], ["eval"]) else None
+    argv = front_door(argv)  # help, report, eval -> test
+    if argv is None:
+        return
     if argv[:2] == ["data", "check"]:
         from mat_lightning.data.check import main as data_check
 
         data_check(argv[2:])
-        return
-    if argv[:1] == ["report"]:
-        from mat_lightning.eval.table import main as report
-
-        report(argv[1:])
         return
     if argv[:1] == ["augment"]:
         from mat_lightning.data.augment.generate import main as augment
@@ -426,14 +512,16 @@ def _main(argv: list[str], from_command_line: bool) -> None:
         return
     if argv[:1] == ["robust-eval"]:
         argv = ["test", *_export_alias(argv[1:])]
+    cli = None
     try:
         if from_command_line:
             sys.argv[1:] = argv  # DDP re-executes sys.argv in each process; keep it what we run
-            MatCLI(alias=alias)
+            cli = MatCLI(alias=alias)
         else:
-            MatCLI(args=argv, alias=alias)
+            cli = MatCLI(args=argv, alias=alias)
     finally:
         _finish_wandb()
+    _print_final(cli)
 
 
 if __name__ == "__main__":

@@ -62,13 +62,30 @@ def contrastive_loss(
     return (_directional(logits, positive) + _directional(logits.T, positive.T)) / 2
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward sums every rank's gradient of the gathered tensor and returns this rank's
+    slice (each input feeds every rank's loss). Written here because ``torch.distributed.nn.functional.all_gather``
+    is deprecated (a warning per call) and its replacement is private."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather along dim 0 keeping the autograd graph (torch.distributed.nn); identity on one process."""
+    """All-gather along dim 0 keeping the autograd graph (equal sizes on every rank); identity on one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x: Tensor) -> Tensor:

@@ -147,9 +147,10 @@ class MatModule(L.LightningModule):
         img, txt, txt2img, _ = self._bank.compute()
         self._bank = None
         metrics = recall_at_k(img @ txt.T, txt2img, self.ks)
-        # Every rank holds the same gathered embeddings, hence the same values: no sync needed.
-        self.log_dict({f"{stage}/clean/{k}": v for k, v in metrics.items() if k != "r_mean"})
-        self.log(f"{stage}/clean/r_mean", metrics["r_mean"], prog_bar=True)
+        # Every rank holds the same gathered embeddings, hence the same values; sync_dist (a mean of equal values)
+        # only tells Lightning so, instead of a warning per metric under DDP.
+        self.log_dict({f"{stage}/clean/{k}": v for k, v in metrics.items() if k != "r_mean"}, sync_dist=True)
+        self.log(f"{stage}/clean/r_mean", metrics["r_mean"], prog_bar=True, sync_dist=True)
 
     def validation_step(self, batch: RetrievalBatch, batch_idx: int) -> None:
         self._eval_step(batch)

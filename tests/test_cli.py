@@ -42,7 +42,7 @@ def run_dir_of(root: Path) -> Path:
     return dirs[0]
 
 
-def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path):
+def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path, capsys):
     main(
         [
             "fit",
@@ -69,6 +69,18 @@ def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path):
     assert (run / "results.csv").read_text().startswith("attack,eps_255,tr_r1")
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run / "wandb").glob("offline-run-*"))
+    media = next((run / "wandb").glob("offline-run-*")) / "files" / "media"
+    assert list(media.glob("images/test/curves_*.png")) and list(
+        media.glob("table/test/results_*.table.json")
+    )
+    out = capsys.readouterr().out.rstrip().splitlines()  # the results table, then only the run folder
+    assert out[-1] == f"run folder: {run}" and out[-3].startswith("| clean ")
+    # the saved config re-runs into a new folder, leaving this run's files alone
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    main(["fit", "--config", str(run / "config.yaml"), "--trainer.limit_train_batches=2"])
+    (rerun,) = [p for p in (tmp_path / "smoke").iterdir() if p != run]
+    assert (rerun / "results.json").is_file() and list((rerun / "checkpoints").glob("*.ckpt"))
+    assert before == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
 
 
 def test_user_errors_exit_2_with_one_message(tmp_path, capsys):

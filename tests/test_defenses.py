@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mat_lightning.attacks import PGD, BertAttack
 from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.defenses import FARE, MAT, MAT1N, Clean, ImageAT, MMCoA, TeCoA, TextAT
+from mat_lightning.defenses.base import batch_keys
 from mat_lightning.module import MatModule
 
 MLM = "synthetic:tiny"
@@ -81,7 +82,7 @@ def test_mmcoa_loss_equals_hand_computation(tiny_encoder):
     adv_text = bert(objective="embedding_kl")(
         tiny_encoder, batch.images, batch.captions, batch.txt2img
     ).captions
-    adv_img = pgd()(tiny_encoder, batch.images, batch.captions, batch.txt2img).images
+    adv_img = pgd()(tiny_encoder, batch.images, batch.captions, batch.txt2img, **batch_keys(batch)).images
     scale = tiny_encoder.logit_scale
     labels = torch.arange(6)
 
@@ -102,8 +103,8 @@ def test_mat_attacks_text_first_then_image_against_it(tiny_encoder):
     images, captions = mat.adversarial_pair(tiny_encoder, batch)
     ref_captions = bert()(tiny_encoder, batch.images, batch.captions, batch.txt2img).captions
     ref_images = pgd()(
-        tiny_encoder, batch.images, ref_captions, batch.txt2img
-    ).images  # against the adversarial text
+        tiny_encoder, batch.images, ref_captions, batch.txt2img, **batch_keys(batch)
+    ).images  # against the adversarial text, per-sample keyed noise
     assert captions == ref_captions and torch.equal(images, ref_images)
     assert sum(a != b for a, b in zip(captions, batch.captions, strict=True)) >= 3
     assert (images - batch.images).abs().max() <= 2 / 255 + 1e-6

@@ -11,7 +11,9 @@ from mat_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = sorted(
-    p for p in (REPO / "experiments").glob("*.yaml") if "flickr" not in p.stem and "coco" not in p.stem
+    p
+    for p in (REPO / "experiments").glob("*.yaml")
+    if not any(real in p.stem for real in ("flickr", "coco", "custom"))  # these need the user's data
 )
 
 

@@ -31,9 +31,12 @@ def test_rows_match_a_direct_computation(tiny_encoder):
     attack = PGD(eps_255=2, steps=3, step_255=1)
     rows = robust_retrieval(tiny_encoder, dl, [attack], progress=False)
     assert [r["attack"] for r in rows] == ["clean", "pgd"]
-    # Reference: attack each batch with a fresh, identically seeded attack, then brute recall on the whole split.
+    # Reference: attack each batch with an identically seeded attack keyed by the images' split indices, then brute
+    # recall on the whole split.
     ref_attack = PGD(eps_255=2, steps=3, step_255=1)
-    adv = torch.cat([ref_attack(tiny_encoder, b.images, b.captions, b.txt2img).images for b in dl])
+    adv = torch.cat(
+        [ref_attack(tiny_encoder, b.images, b.captions, b.txt2img, b.image_ids).images for b in dl]
+    )
     with torch.no_grad():
         sim = tiny_encoder.encode_image(adv) @ tiny_encoder.encode_text(eval_set.captions).T
     expected = recall_at_k(sim, eval_set.txt2img)

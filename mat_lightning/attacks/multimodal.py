@@ -15,7 +15,8 @@ integers:
   rescaled, noised copies; text again from the original captions, guided by the adversarial image
   (Zoky-2020/SGA ``SGAttacker.attack``).
 
-``seed`` of a multimodal attack re-seeds its parts (so ``SGA(seed=1)`` and ``SGA(seed=0)`` differ).
+``seed`` of a multimodal attack re-seeds its parts (so ``SGA(seed=1)`` and ``SGA(seed=0)`` differ); the sample keys
+and the evaluation gallery of a call reach the parts too (per-image random starts and SGA noise).
 
 Deliberate difference from the reference scripts: each image is attacked once with all of its captions (Co-Attack's
 script attacks every image once per caption and keeps the last).
@@ -24,15 +25,16 @@ script attacks every image once per caption and keeps the last).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mat_lightning.attacks.base import Attack, AttackResult
+from mat_lightning.attacks.base import Attack, AttackResult, SampleRandomness
 from mat_lightning.attacks.bert_attack import BertAttack
-from mat_lightning.attacks.objectives import Guidance, caption_cosine, kl_from
+from mat_lightning.attacks.objectives import Gallery, Guidance, caption_cosine, kl_from
 from mat_lightning.attacks.pgd import PGD
 from mat_lightning.errors import ConfigError
 from mat_lightning.models.encoder import VLEncoder
@@ -73,6 +75,21 @@ class _Composed(Attack):
         other.image_attack = self.image_attack.clone()
         other.text_attack = self.text_attack.clone()
         return other
+
+    def with_gallery(self, gallery: Gallery) -> Attack:
+        other = copy.copy(self)
+        other.image_attack = self.image_attack.with_gallery(gallery)
+        other.text_attack = self.text_attack.with_gallery(gallery)
+        return other
+
+    @contextmanager
+    def keyed(self, image_ids: Tensor | None, sample_keys: Tensor | None = None) -> Iterator[None]:
+        with (
+            super().keyed(image_ids, sample_keys),
+            self.image_attack.keyed(image_ids, sample_keys),
+            self.text_attack.keyed(image_ids, sample_keys),
+        ):
+            yield
 
 
 class SepAttack(_Composed):
@@ -147,11 +164,11 @@ class ScaledViews:
     def __init__(self, scales: Sequence[float], noise_std: float) -> None:
         self.scales, self.noise_std = list(scales), noise_std
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None) -> list[Tensor]:
+    def __call__(self, x: Tensor, rng: SampleRandomness) -> list[Tensor]:
         size = x.shape[-2:]
         views = []
         for s in self.scales:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * self.noise_std
+            noise = rng.normal(x.shape, x.dtype) * self.noise_std
             noisy = (x + noise).clamp(0, 1)
             small = F.interpolate(
                 noisy,

@@ -24,10 +24,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mat_lightning.attacks.base import Attack, AttackResult
+from mat_lightning.attacks.base import Attack, AttackResult, SampleRandomness
 from mat_lightning.attacks.objectives import (
     IMAGE_OBJECTIVES,
     UNNORMALISED,
+    Gallery,
     Guidance,
     ImageObjective,
     caption_prototypes,
@@ -37,7 +38,7 @@ from mat_lightning.models.encoder import VLEncoder
 
 log = logging.getLogger(__name__)
 
-Views = Callable[[Tensor, torch.Generator | None], list[Tensor]]
+Views = Callable[[Tensor, SampleRandomness], list[Tensor]]
 
 
 class PGD(Attack):
@@ -50,9 +51,10 @@ class PGD(Attack):
         norm: ``linf`` or ``l2``.
         random_start: start from a uniform point of the ε-ball (L∞) / a random point of the L2 ball.
         momentum: RobustVLM-style momentum on normalised gradients (0 = plain PGD; no effect under L∞).
-        objective: what is maximised: ``contrastive``, ``caption_cosine``, ``embedding_kl``, ``embedding_l2``,
-            ``cross_entropy``.
-        seed: seed of the random start.
+        objective: what is maximised: ``contrastive`` (in-batch negatives), ``split_contrastive`` (negatives from
+            the evaluation split's clean embeddings; robust evaluation only), ``caption_cosine``, ``embedding_kl``,
+            ``embedding_l2``, ``cross_entropy``.
+        seed: seed of the random start (per image when the call gives sample keys).
     """
 
     name = "pgd"
@@ -82,6 +84,7 @@ class PGD(Attack):
         if not 0 <= momentum < 1:
             raise ConfigError(f"PGD momentum={momentum}: must be in [0, 1)")
         self.norm, self.random_start, self.momentum, self.objective = norm, random_start, momentum, objective
+        self._gallery: Gallery | None = None
 
     @property
     def eps_255(self) -> float:
@@ -93,6 +96,11 @@ class PGD(Attack):
         other._eps_255 = float(eps_255)
         if self._eps_255 > 0:  # keep the steps covering the same share of the ball
             other.step_255 = self.step_255 * eps_255 / self._eps_255
+        return other
+
+    def with_gallery(self, gallery: Gallery) -> PGD:
+        other = copy.copy(self)
+        other._gallery = gallery
         return other
 
     # -- the attack ---------------------------------------------------------------------------------------------------
@@ -110,7 +118,15 @@ class PGD(Attack):
     def guidance(self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor) -> Guidance:
         """What the configured objective needs, from the clean inputs."""
         g = Guidance(txt2img=txt2img, logit_scale=encoder.logit_scale.detach())
-        if self.objective in ("contrastive", "caption_cosine", "cross_entropy"):
+        if self.objective == "split_contrastive":
+            if self._gallery is None or self.image_ids is None:
+                raise ConfigError(
+                    "PGD objective=split_contrastive needs the evaluation split's clean embeddings and the images' "
+                    "ids: it runs inside robust evaluation (robust_eval.attacks); to attack a batch on its own or "
+                    "in training use objective=contrastive (in-batch negatives)"
+                )
+            g.gallery, g.image_ids = self._gallery.to(images.device), self.image_ids.to(images.device)
+        if self.objective in ("contrastive", "split_contrastive", "caption_cosine", "cross_entropy"):
             g.text_emb = encoder.encode_text(captions)
         if self.objective in ("contrastive", "cross_entropy") and images.shape[0] < 2:
             # with one image there is no negative: the loss is constant and PGD keeps only its random start
@@ -145,21 +161,21 @@ class PGD(Attack):
             float[B, 3, H, W] in [0, 1] with ``‖x_adv - images‖ <= eps``.
         """
         eps, alpha = self.eps_255 / 255.0, self.step_255 / 255.0
-        gen = self.generator(images.device)
+        rng = self.randomness(images.device, self.sample_keys)  # per image when the call gave sample keys
         x0 = images.detach()
         adv = x0.clone()
         if self.random_start and eps > 0:
             if self.norm == "linf":
-                adv = adv + torch.empty_like(adv).uniform_(-eps, eps, generator=gen)
+                adv = adv + (2 * rng.uniform(adv.shape, adv.dtype) - 1) * eps
             else:
-                direction = torch.randn(adv.shape, generator=gen, device=adv.device, dtype=adv.dtype)
-                radius = torch.rand(adv.shape[0], 1, 1, 1, generator=gen, device=adv.device, dtype=adv.dtype)
+                direction = rng.normal(adv.shape, adv.dtype)
+                radius = rng.uniform((adv.shape[0], 1, 1, 1), adv.dtype)
                 adv = adv + eps * radius * direction / _l2(direction)
             adv = adv.clamp(0, 1)
         velocity = torch.zeros_like(adv)
         for _ in range(self.steps):
             adv.requires_grad_(True)
-            inputs = [adv] + (views(adv, gen) if views is not None else [])
+            inputs = [adv] + (views(adv, rng) if views is not None else [])
             loss = sum(objective(encoder.encode_image(v, normalize=normalize), guidance) for v in inputs)
             (grad,) = torch.autograd.grad(loss, adv)
             grad = torch.nan_to_num(grad)

@@ -1,7 +1,9 @@
 """``mat data check``: read every split of a data set, decode every image, and print a summary.
 
 Run it once after downloading Flickr30K or COCO: it finds missing or corrupt files before a training run does.
-Exits with status 2 and one message per kind of problem (naming the files) when something is wrong.
+Exits with status 2 and one message per kind of problem (naming the files) when something is wrong. A test-only
+set is fine: splits the annotations do not have (``--data.annotations='{test: file}'``, or a Karpathy file with only
+``test`` entries) are listed as absent, and missing images are reported once, not once per split.
 """
 
 from __future__ import annotations
@@ -44,13 +46,25 @@ def main(argv: list[str]) -> None:
         table.add_column(col)
     problems: list[str] = []
     owners: dict[str, tuple[str, Path]] = {}  # content hash -> (split, first file with that content)
+    missing: list[tuple[str, str]] = []  # (split, message) of the splits whose images are missing
+    present = 0
     for _stage, split in dm.splits.items():
+        if isinstance(dm.annotations, dict) and split not in dm.annotations:
+            table.add_row(split, "-", "-", "-", "absent (no annotation file given)")
+            continue
         try:
             records = dm.read_split(split)
         except DataError as e:
-            table.add_row(split, "-", "-", "-", "[red]error")
-            problems.append(str(e))
+            if "no images in split" in str(e):
+                table.add_row(split, "-", "-", "-", "absent from the annotations")
+            elif "are missing" in str(e):
+                table.add_row(split, "-", "-", "-", "[red]images missing")
+                missing.append((split, str(e)))
+            else:
+                table.add_row(split, "-", "-", "-", "[red]error")
+                problems.append(str(e))
             continue
+        present += 1
         bad: list[str] = []
         if cfg.decode:
             for r in tqdm(records, desc=f"decoding {split}", leave=False):
@@ -76,6 +90,13 @@ def main(argv: list[str]) -> None:
                 f"{len(bad)} images of split {split!r} cannot be used, e.g.\n  " + "\n  ".join(bad[:5])
             )
     console.print(table)
+    if missing:  # one message: the splits usually share the image folder
+        others = ", ".join(split for split, _ in missing[1:])
+        problems.insert(
+            0, f"split {missing[0][0]!r}: {missing[0][1]}" + (f"\n(likewise in: {others})" if others else "")
+        )
+    if not present and not problems:
+        problems.append(f"no split of {', '.join(dm.splits.values())} is in the annotations")
     if problems:
         raise DataError("\n".join(problems))
 

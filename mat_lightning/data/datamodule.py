@@ -13,6 +13,7 @@ centre crop, no normalisation (the encoder normalises). ``S`` is the encoder's `
 from __future__ import annotations
 
 import logging
+import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from mat_lightning.data.formats import (
     read_annotations,
     shared_images,
 )
+from mat_lightning.data.sampling import EvalShards, TrainShards
 from mat_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,16 @@ class RetrievalBatch:
         captions: T strings.
         txt2img: long[T], the row of ``images`` each caption belongs to.
         image_ids: long[B], the image's index in its split; equal ids mean the same underlying image (positives).
+        sample_keys: long[B] keys of each row's random draws in training attacks (a hash of seed, epoch and index,
+            :class:`~mat_lightning.data.sampling.TrainShards`); None for evaluation batches, whose attacks key
+            their draws by ``image_ids``.
     """
 
     images: Tensor
     captions: list[str]
     txt2img: Tensor
     image_ids: Tensor
+    sample_keys: Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -147,11 +153,12 @@ def _ground_truth(records: Sequence[ImageCaptions], i: int) -> list[str]:
 
 
 class TrainSet(Dataset):
-    """Item ``i``: (image[3, S, S], k captions of image ``i``, i).
+    """Item ``i`` or ``(i, key)``: (image[3, S, S], k captions of image ``i``, i, key).
 
     ``caption_pool(i)`` gives all captions eligible as positives of image ``i``; ``k`` are drawn without replacement
-    when the pool is large enough, with replacement otherwise. Randomness comes from torch's global generator, which
-    Lightning's ``seed_everything(workers=True)`` makes reproducible.
+    when the pool is large enough, with replacement otherwise. The item's randomness comes from a generator seeded by
+    ``key`` (:class:`~mat_lightning.data.sampling.TrainShards` derives it from seed, epoch and index, so it does not
+    depend on the number of processes); a bare index draws the key from torch's global generator.
 
     With ``one_to_many`` (MAT+), the pool and the image variant come from it instead: the image is then uint8, or
     float in [0, 1] when augmented (``collate`` takes both); the item keeps index ``i`` either way, so a generated
@@ -167,21 +174,22 @@ class TrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, list[str], int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, list[str], int, int]:
+        i, key = index if isinstance(index, tuple) else (index, int(torch.randint(2**62, ())))
         image = self.store[i]
+        # One key seeds this item's text and image randomness, independent of how many numbers EDA or the image
+        # augmentation consume.
+        gen = torch.Generator().manual_seed(key)
         if self.one_to_many is None:
             pool = self.caption_pool(i)
         else:
-            # One draw from the global generator seeds this item's text and image randomness: reproducible under
-            # seed_everything, independent of how many numbers EDA or the image augmentation consume.
-            seed = int(torch.randint(2**62, ()))
-            pool = self.one_to_many.caption_pool(i, random.Random(seed))
-            image = self.one_to_many.image(i, image, torch.Generator().manual_seed(seed))
+            pool = self.one_to_many.caption_pool(i, random.Random(key))
+            image = self.one_to_many.image(i, image, torch.Generator().manual_seed(key))
         if len(pool) >= self.k:
-            idx = torch.randperm(len(pool))[: self.k].tolist()
+            idx = torch.randperm(len(pool), generator=gen)[: self.k].tolist()
         else:
-            idx = torch.randint(len(pool), (self.k,)).tolist()
-        return image, [pool[j] for j in idx], i
+            idx = torch.randint(len(pool), (self.k,), generator=gen).tolist()
+        return image, [pool[j] for j in idx], i, key
 
 
 class EvalSet(Dataset):
@@ -205,15 +213,18 @@ class EvalSet(Dataset):
         return torch.tensor([i for i, r in enumerate(self.records) for _ in r.captions], dtype=torch.long)
 
 
-def collate(items: list[tuple[Tensor, list[str], int]]) -> RetrievalBatch:
-    """Items of uint8 images (decoded) or float images in [0, 1] (augmented) -> a batch of float images in [0, 1]."""
-    if all(im.dtype == torch.uint8 for im, _, _ in items):
-        images = torch.stack([im for im, _, _ in items]).float().div_(255)
+def collate(items: list[tuple]) -> RetrievalBatch:
+    """Items ``(image, captions, index[, key])`` of uint8 images (decoded) or float images in [0, 1] (augmented) ->
+    a batch of float images in [0, 1] (``sample_keys`` when the items carry keys)."""
+    if all(item[0].dtype == torch.uint8 for item in items):
+        images = torch.stack([item[0] for item in items]).float().div_(255)
     else:
-        images = torch.stack([im.float().div(255) if im.dtype == torch.uint8 else im for im, _, _ in items])
-    captions = [c for _, caps, _ in items for c in caps]
-    txt2img = torch.tensor([b for b, (_, caps, _) in enumerate(items) for _ in caps], dtype=torch.long)
-    return RetrievalBatch(images, captions, txt2img, torch.tensor([i for _, _, i in items], dtype=torch.long))
+        images = torch.stack([im.float().div(255) if im.dtype == torch.uint8 else im for im, *_ in items])
+    captions = [c for item in items for c in item[1]]
+    txt2img = torch.tensor([b for b, item in enumerate(items) for _ in item[1]], dtype=torch.long)
+    image_ids = torch.tensor([item[2] for item in items], dtype=torch.long)
+    keys = torch.tensor([item[3] for item in items], dtype=torch.long) if len(items[0]) > 3 else None
+    return RetrievalBatch(images, captions, txt2img, image_ids, keys)
 
 
 class RetrievalDataModule(L.LightningDataModule):
@@ -421,12 +432,30 @@ class RetrievalDataModule(L.LightningDataModule):
             self.eval_set("test")
             self.check_disjoint("test")
 
+    def _processes(self) -> tuple[int, int]:
+        """(world size, global rank) of the attached trainer; (1, 0) without one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        # Our own samplers on one process and under DDP (Lightning keeps DistributedSampler subclasses): the same
+        # global batches and keys for any number of processes (data.sampling). batch_size is per process.
+        world_size, rank = self._processes()
+        if shuffle:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything, the same on every rank
+            sampler = TrainShards(ds, world_size, rank, seed)
+        else:
+            if len(ds) < world_size:  # a process without images would wait forever for the others' embeddings
+                raise ConfigError(
+                    f"{len(ds)} evaluation images for {world_size} processes: each process needs at least one "
+                    "(raise data.max_eval_images or use fewer devices)"
+                )
+            sampler = EvalShards(ds, world_size, rank)
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(ds) > batch_size,
+            sampler=sampler,
+            drop_last=shuffle and len(sampler) > batch_size,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,

@@ -89,6 +89,11 @@ def clip_loss(encoder: VLEncoder, images: Tensor, captions: list[str], batch: Re
     )
 
 
+def batch_keys(batch: RetrievalBatch) -> dict[str, Tensor | None]:
+    """The attack call's keyword arguments that key its random draws per sample (``Attack.__call__``)."""
+    return {"image_ids": batch.image_ids, "sample_keys": batch.sample_keys}
+
+
 @contextmanager
 def timed(logs: dict[str, float], key: str = "attack_seconds") -> Iterator[None]:
     """Adds the wall time of the block to ``logs[key]``."""

@@ -63,7 +63,7 @@ class FARE(Defense):
         with torch.no_grad():
             reference = self.reference.encode_image(batch.images, normalize=False)
         logs: dict[str, float] = {}
-        with timed(logs), attacking(encoder):
+        with timed(logs), attacking(encoder), self.attack.keyed(batch.image_ids, batch.sample_keys):
             adv = self.attack.perturb(
                 encoder, batch.images, embedding_l2, Guidance(reference_emb=reference), normalize=False
             )

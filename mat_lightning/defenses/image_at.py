@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mat_lightning.attacks.pgd import PGD
 from mat_lightning.data.datamodule import RetrievalBatch
-from mat_lightning.defenses.base import Defense, DefenseOutput, clip_loss, timed
+from mat_lightning.defenses.base import Defense, DefenseOutput, batch_keys, clip_loss, timed
 from mat_lightning.models.encoder import VLEncoder
 
 
@@ -31,7 +31,9 @@ class ImageAT(Defense):
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
         logs: dict[str, float] = {}
         with timed(logs):
-            adv = self.attack(encoder, batch.images, batch.captions, batch.txt2img).images
+            adv = self.attack(
+                encoder, batch.images, batch.captions, batch.txt2img, **batch_keys(batch)
+            ).images
         loss_adv = clip_loss(encoder, adv, batch.captions, batch)
         return self.with_clean_term(
             loss_adv, lambda: clip_loss(encoder, batch.images, batch.captions, batch), logs

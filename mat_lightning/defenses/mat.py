@@ -24,7 +24,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from mat_lightning.attacks.bert_attack import BertAttack
 from mat_lightning.attacks.pgd import PGD
 from mat_lightning.data.datamodule import RetrievalBatch
-from mat_lightning.defenses.base import Defense, DefenseOutput, changed_fraction, clip_loss, timed
+from mat_lightning.defenses.base import (
+    Defense,
+    DefenseOutput,
+    batch_keys,
+    changed_fraction,
+    clip_loss,
+    timed,
+)
 from mat_lightning.errors import ConfigError
 from mat_lightning.models.encoder import VLEncoder
 
@@ -57,13 +64,13 @@ class MAT(Defense):
 
     def adversarial_pair(self, encoder: VLEncoder, batch: RetrievalBatch) -> tuple[torch.Tensor, list[str]]:
         """(adversarial images, adversarial captions), each attack against the other's output."""
-        images, captions, txt2img = batch.images, batch.captions, batch.txt2img
+        images, captions, txt2img, keys = batch.images, batch.captions, batch.txt2img, batch_keys(batch)
         if self.order == "text_first":
-            captions = self.text_attack(encoder, images, captions, txt2img).captions
-            images = self.image_attack(encoder, images, captions, txt2img).images
+            captions = self.text_attack(encoder, images, captions, txt2img, **keys).captions
+            images = self.image_attack(encoder, images, captions, txt2img, **keys).images
         else:
-            images = self.image_attack(encoder, images, captions, txt2img).images
-            captions = self.text_attack(encoder, images, captions, txt2img).captions
+            images = self.image_attack(encoder, images, captions, txt2img, **keys).images
+            captions = self.text_attack(encoder, images, captions, txt2img, **keys).captions
         return images, captions
 
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:

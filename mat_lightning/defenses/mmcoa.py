@@ -13,7 +13,7 @@ from __future__ import annotations
 from mat_lightning.attacks.bert_attack import BertAttack
 from mat_lightning.attacks.pgd import PGD
 from mat_lightning.data.datamodule import RetrievalBatch
-from mat_lightning.defenses.base import Defense, DefenseOutput, clip_loss, timed
+from mat_lightning.defenses.base import Defense, DefenseOutput, batch_keys, clip_loss, timed
 from mat_lightning.models.encoder import VLEncoder
 
 
@@ -45,8 +45,12 @@ class MMCoA(Defense):
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
         logs: dict[str, float] = {}
         with timed(logs):
-            adv_captions = self.text_attack(encoder, batch.images, batch.captions, batch.txt2img).captions
-            adv_images = self.image_attack(encoder, batch.images, batch.captions, batch.txt2img).images
+            adv_captions = self.text_attack(
+                encoder, batch.images, batch.captions, batch.txt2img, **batch_keys(batch)
+            ).captions
+            adv_images = self.image_attack(
+                encoder, batch.images, batch.captions, batch.txt2img, **batch_keys(batch)
+            ).images
         loss_text = clip_loss(encoder, batch.images, adv_captions, batch)
         loss_image = clip_loss(encoder, adv_images, batch.captions, batch)
         logs.update(loss_adv_text=loss_text.item(), loss_adv_image=loss_image.item())

@@ -45,7 +45,7 @@ class TeCoA(Defense):
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
         g = self.classes(encoder, batch)
         logs: dict[str, float] = {}
-        with timed(logs), attacking(encoder):
+        with timed(logs), attacking(encoder), self.attack.keyed(batch.image_ids, batch.sample_keys):
             adv = self.attack.perturb(encoder, batch.images, cross_entropy, g)
         loss_adv = cross_entropy(encoder.encode_image(adv), g)
         return self.with_clean_term(

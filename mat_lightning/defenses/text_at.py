@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mat_lightning.attacks.bert_attack import BertAttack
 from mat_lightning.data.datamodule import RetrievalBatch
-from mat_lightning.defenses.base import Defense, DefenseOutput, changed_fraction, clip_loss, timed
+from mat_lightning.defenses.base import Defense, DefenseOutput, batch_keys, changed_fraction, clip_loss, timed
 from mat_lightning.models.encoder import VLEncoder
 
 
@@ -29,7 +29,9 @@ class TextAT(Defense):
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
         logs: dict[str, float] = {}
         with timed(logs):
-            adv_captions = self.attack(encoder, batch.images, batch.captions, batch.txt2img).captions
+            adv_captions = self.attack(
+                encoder, batch.images, batch.captions, batch.txt2img, **batch_keys(batch)
+            ).captions
         logs["captions_changed"] = changed_fraction(batch.captions, adv_captions)
         loss_adv = clip_loss(encoder, batch.images, adv_captions, batch)
         return self.with_clean_term(

@@ -1,6 +1,7 @@
 """Collects the embeddings of an evaluation split batch by batch, across DDP ranks, in a canonical order.
 
-Each rank sees a shard of the split (and DistributedSampler may repeat a few images to even the shards out). The
+Each rank sees a shard of the split (a shard may be empty; Lightning's DistributedSampler would also repeat a few
+images to even the shards out, ``data.sampling.EvalShards`` does not). The
 bank keys every image by its split index and every caption by (image index, position), gathers the keys and the
 embeddings from all ranks, drops repeats and sorts, so every rank ends with the same ``[n_img, D]`` and
 ``[n_txt, D]`` matrices in split order: clean and attacked runs line up query by query (needed for ``asr_flip``).
@@ -41,15 +42,21 @@ class EmbeddingBank:
 
         ``txt2img`` indexes rows of the returned ``image_emb``. Gathers across ranks when distributed.
         """
-        img, ids = torch.cat(self.img), torch.cat(self.img_ids)
-        txt, keys = torch.cat(self.txt), torch.cat(self.txt_keys)
+        local = (
+            (torch.cat(self.img), torch.cat(self.img_ids), torch.cat(self.txt), torch.cat(self.txt_keys))
+            if self.img
+            else None  # an empty shard (fewer images than ranks)
+        )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             parts: list = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (img, ids, txt, keys))
+            dist.all_gather_object(parts, local)
+            parts = [p for p in parts if p is not None]
             img = torch.cat([p[0] for p in parts])
             ids = torch.cat([p[1] for p in parts])
             txt = torch.cat([p[2] for p in parts])
             keys = torch.cat([p[3] for p in parts])
+        else:
+            img, ids, txt, keys = local
         uniq_ids, first = _first_occurrence(ids)
         img, ids = img[first], uniq_ids
         key_codes = keys[:, 0] * (int(keys[:, 1].max()) + 1 if len(keys) else 1) + keys[:, 1]

@@ -4,27 +4,40 @@ One implementation, two entry points:
 
 * :func:`robust_retrieval` — a plain function over an encoder and a loader of eval batches (Python API);
 * :class:`RobustRetrievalEval` — a Lightning callback that runs it at the end of ``test`` (after ``fit``, in
-  ``mat test`` and ``mat robust-eval``), logs ``test/<attack>/<metric>``, a W&B table and line charts, and writes
-  ``results.json``, ``results.csv`` and ``curves.png`` into the run directory.
+  ``mat test`` and ``mat robust-eval``), logs ``test/<attack>/<metric>`` and the W&B results (``logging.py``), and
+  writes ``results.json`` and ``results.csv`` into the run directory after every attack (a late failure loses
+  nothing), then ``curves.png``/``.pdf``. Its ``setup`` checks, before ``fit`` trains, everything the evaluation
+  will need: the attacks' masked LMs are loaded, the export and run folders are writable, the test split's files
+  exist.
 
 Protocol (DESIGN §3; SGA's, not Co-Attack's script): every image of the split is attacked **once**, together with
 all of its captions; recall is computed on the whole attacked split; each row carries both ASR definitions.
+
+Invariance: attacks get each row's split index (``image_ids``), which keys their random draws per image, and the
+clean split's embeddings (a :class:`~mat_lightning.attacks.objectives.Gallery`) for ``split_contrastive``; so a row
+is the same at any ``eval_batch_size`` and number of processes, unless an attack's objective reads the rest of its
+batch (``contrastive``, ``cross_entropy``). Under DDP each rank attacks its shard of the split
+(:class:`~mat_lightning.data.sampling.EvalShards`), embeddings are gathered, and rank 0 writes the files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from mat_lightning.attacks.base import Attack
+from mat_lightning.attacks.objectives import Gallery
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import ConfigError
 from mat_lightning.eval.embeddings import EmbeddingBank
@@ -33,6 +46,9 @@ from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_
 from mat_lightning.models.encoder import VLEncoder
 
 log = logging.getLogger(__name__)
+
+#: ``robust_eval.mlm: required`` in a config: the user must name the masked LM of the text attacks.
+MLM_REQUIRED = "required"
 
 
 def _encode_split(
@@ -43,7 +59,7 @@ def _encode_split(
     desc: str,
     progress: bool,
     export: Path | None = None,
-) -> tuple[RetrievalRanks, float, int, int]:
+) -> tuple[RetrievalRanks, float, Gallery]:
     bank = EmbeddingBank()
     t0 = time.perf_counter()
     exported: list[dict] = []
@@ -52,7 +68,7 @@ def _encode_split(
         images, txt2img = batch.images.to(device), batch.txt2img.to(device)
         captions = batch.captions
         if attack is not None:
-            result = attack(encoder, images, captions, txt2img)
+            result = attack(encoder, images, captions, txt2img, image_ids=batch.image_ids.to(device))
             images, captions = result.images, result.captions
             if export is not None:
                 exported += _export_batch(export, batch, images, captions)
@@ -60,11 +76,25 @@ def _encode_split(
             bank.add(
                 encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img
             )
-    seconds = time.perf_counter() - t0
-    img, txt, txt2img, _ = bank.compute()
-    if export is not None and exported:
-        atomic_write(export / "captions.json", json.dumps(exported, indent=1))
-    return retrieval_ranks(img @ txt.T, txt2img), seconds, img.shape[0], txt.shape[0]
+    img, txt, txt2img, ids = bank.compute()
+    seconds = time.perf_counter() - t0  # after the gather: the wall time of the whole split on all ranks
+    if export is not None:
+        _write_export_index(export, exported)
+    gallery = Gallery(img, ids, txt, ids[txt2img])
+    return retrieval_ranks(img @ txt.T, txt2img), seconds, gallery
+
+
+def _write_export_index(folder: Path, entries: list[dict]) -> None:
+    """``captions.json`` of an exported set, once, by rank 0, with every rank's images in split order."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, entries)
+        if dist.get_rank() != 0:
+            return
+        entries = list({e["image_index"]: e for part in parts for e in part}.values())
+    entries = sorted(entries, key=lambda e: e["image_index"])
+    if entries:
+        atomic_write(folder / "captions.json", json.dumps(entries, indent=1))
 
 
 def _export_batch(
@@ -94,6 +124,8 @@ def robust_retrieval(
     device: torch.device | str | None = None,
     progress: bool = True,
     export_dir: str | Path | None = None,
+    on_row: Callable[[list[dict]], None] | None = None,
+    on_gallery: Callable[[Gallery], None] | None = None,
 ) -> list[dict]:
     """Clean and attacked recall rows.
 
@@ -106,6 +138,8 @@ def robust_retrieval(
         device: where to run (default: the encoder's).
         progress: a progress bar per attack.
         export_dir: write each attacked split there (``<attack>_eps<ε>/images/*.png|.pt`` + ``captions.json``).
+        on_row: called with the rows so far after each row (the callback rewrites its result files with it).
+        on_gallery: called once with the split's clean embeddings (the negatives of ``split_contrastive``).
 
     Returns:
         Rows ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_*", "asr_flip_*", "seconds"}``: first
@@ -119,7 +153,9 @@ def robust_retrieval(
     was_training = encoder.training
     encoder.eval()
     try:
-        return _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir)
+        return _robust_rows(
+            encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir, on_row, on_gallery
+        )
     finally:
         encoder.train(was_training)
 
@@ -157,8 +193,13 @@ def check_budgets(attacks: Sequence[Attack], eps_255_grid: Sequence[float] | Non
                     )
 
 
-def _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir) -> list[dict]:
-    clean_ranks, seconds, _, _ = _encode_split(encoder, loader, None, device, "clean", progress)
+def _robust_rows(
+    encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir, on_row=None, on_gallery=None
+) -> list[dict]:
+    on_row = on_row or (lambda rows: None)
+    clean_ranks, seconds, gallery = _encode_split(encoder, loader, None, device, "clean", progress)
+    if on_gallery is not None:
+        on_gallery(gallery)
     rows = [
         {
             "attack": "clean",
@@ -167,6 +208,7 @@ def _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, e
             "seconds": round(seconds, 3),
         }
     ]
+    on_row(rows)
     for attack in attacks:
         variants = [attack]
         if eps_255_grid and attack.eps_255 is not None:
@@ -175,9 +217,9 @@ def _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, e
         for variant in variants:
             tag = f"{variant.name}_eps{variant.eps_255:g}" if variant.eps_255 is not None else variant.name
             export = Path(export_dir) / tag if export_dir is not None else None
-            variant = variant.clone()
+            variant = variant.clone().with_gallery(gallery)  # the clean split: split_contrastive's negatives
             variant.prepare(device)  # load models (the MLM) outside the timed loop
-            ranks, seconds, _, _ = _encode_split(encoder, loader, variant, device, tag, progress, export)
+            ranks, seconds, _ = _encode_split(encoder, loader, variant, device, tag, progress, export)
             rows.append(
                 {
                     "attack": variant.name,
@@ -188,6 +230,7 @@ def _robust_rows(encoder, loader, attacks, eps_255_grid, ks, device, progress, e
                 }
             )
             log.info("%s: TR@1 %.1f IR@1 %.1f (%.1fs)", tag, rows[-1]["tr_r1"], rows[-1]["ir_r1"], seconds)
+            on_row(rows)
     return rows
 
 
@@ -202,6 +245,9 @@ class RobustRetrievalEval(L.Callback):
         export_dir: write the adversarial test set there (images + captions) for reuse.
         progress: a progress bar per attack.
         seed: the run's seed, recorded in ``results.json`` (the ``mat`` CLI sets it from ``seed_everything``).
+        mlm: if set, the masked LM of every text attack of the list (BERT-Attack, the text part of Sep-Attack,
+            Co-Attack and SGA): a hub name, a local folder written by ``save_pretrained``, or ``synthetic``. A config
+            may set it to ``required`` to make the user give one (``experiments/custom_eval.yaml``).
     """
 
     def __init__(
@@ -213,8 +259,15 @@ class RobustRetrievalEval(L.Callback):
         export_dir: str | None = None,
         progress: bool = True,
         seed: int | None = None,
+        mlm: str | None = None,
     ) -> None:
         self.attacks = list(attacks or [])
+        self.mlm = mlm
+        if mlm is not None and mlm != MLM_REQUIRED:
+            for attack in self.attacks:
+                for part in _text_attacks(attack):
+                    if hasattr(part, "mlm"):
+                        part.mlm, part._mlm = mlm, None
         self.seed = seed
         self.eps_255_grid = eps_255_grid
         self.ks = list(ks or [1, 5, 10])
@@ -226,6 +279,7 @@ class RobustRetrievalEval(L.Callback):
         self.subcommand: str | None = None  # fit, test, validate or robust-eval
         self.weights: str | None = None  # "start", "final", "best" or the --ckpt_path tested
         self.resumed_from: str | None = None  # the checkpoint a resumed fit started from
+        self._gallery = None  # the clean split of the last evaluation (for the W&B examples)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.attacks and trainer.test_loop.inference_mode:
@@ -233,12 +287,50 @@ class RobustRetrievalEval(L.Callback):
                 "RobustRetrievalEval needs gradients at test time: set trainer.inference_mode: false "
                 "(conf/base.yaml does; did a config override it?)"
             )
-        if self.export_dir is not None and trainer.world_size > 1:
-            raise ConfigError(
-                "robust_eval.export_dir works on one process: run mat robust-eval with --trainer.devices=1"
-            )
         check_distinct_names(self.attacks)  # before training, not after it
         check_budgets(self.attacks, self.eps_255_grid)
+        self._preflight(trainer, pl_module, stage)
+
+    # -- fail fast: everything the evaluation needs, before the first training or attack step ------------------------
+
+    def _preflight(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Load the attacks' models, check the export folder and the test split's files, warn on mismatches.
+
+        Runs in ``setup``, i.e. before ``fit`` trains: a missing masked LM or data file fails in seconds, not after
+        hours of training and the first attacks.
+        """
+        if self.mlm == MLM_REQUIRED:
+            raise ConfigError(
+                "this config needs the masked LM of its text attacks: --robust_eval.mlm=<folder written by "
+                "save_pretrained, or a hub name such as bert-base-uncased>"
+            )
+        dm = trainer.datamodule
+        if stage == "fit" and dm is not None and hasattr(dm, "read_split"):
+            dm.read_split(dm.splits["test"])  # annotation file and image files of the test split exist
+        dataset = getattr(dm, "dataset", None)
+        for attack in self.attacks:
+            for part in _text_attacks(attack):
+                if dataset not in (None, "synthetic") and str(getattr(part, "mlm", "")).startswith(
+                    "synthetic"
+                ):
+                    log.warning(
+                        "%s uses the synthetic world's masked LM (mlm=%r) on %s captions: it knows only the "
+                        "world's words and proposes letters for the rest. Give a real MLM, e.g. "
+                        "init_args.mlm: bert-base-uncased or a local folder written by save_pretrained.",
+                        attack.name,
+                        part.mlm,
+                        dataset,
+                    )
+            # loads the masked LMs (cached, shared by the suite); on the CPU: no accelerator memory while training
+            attack.prepare(torch.device("cpu"))
+        if self.export_dir is not None and trainer.is_global_zero:
+            _check_writable(Path(self.export_dir), "robust_eval.export_dir (--export)")
+        if trainer.is_global_zero:
+            _check_writable(Path(trainer.default_root_dir), "the run folder (trainer.default_root_dir)")
+        if stage == "fit":
+            n = sum(p.numel() for p in pl_module.parameters())
+            trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            log.info("model: %.1f M parameters (%.1f M trainable)", n / 1e6, trainable / 1e6)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loader = trainer.test_dataloaders
@@ -252,47 +344,53 @@ class RobustRetrievalEval(L.Callback):
             self.ks,
             pl_module.device,
             self.progress and trainer.is_global_zero,
-            self.export_dir if trainer.is_global_zero else None,
+            self.export_dir,  # every rank writes its shard's images, rank 0 the index
+            on_row=lambda rows: self._write(trainer, pl_module, rows, complete=False),
+            on_gallery=lambda gallery: setattr(self, "_gallery", gallery),
         )
         base = {}
-        for row in self.rows[
-            1:
-        ]:  # scalars: each attack at its configured budget (the first row of that attack);
-            base.setdefault(row["attack"], row)  # the clean row is MatModule's test/clean/* already
+        # scalars: each attack at its configured budget (the first row of that attack); the clean row is
+        # MatModule's test/clean/* already
+        for row in self.rows[1:]:
+            base.setdefault(row["attack"], row)
         for name, row in base.items():
             for key, value in row.items():
                 if key not in ("attack", "eps_255"):
-                    pl_module.log(f"test/{name}/{key}", float(value), rank_zero_only=True)
-        from mat_lightning.logging import log_robust_rows
+                    # every rank holds the same gathered rows: the mean over ranks is the value itself
+                    pl_module.log(f"test/{name}/{key}", float(value), sync_dist=True)
+        self._write(trainer, pl_module, self.rows, complete=True)
+        from mat_lightning.logging import log_robust_results, wandb_loggers
 
-        log_robust_rows(trainer, "test", self.rows, self.ks)
-        self._write(trainer, pl_module)
-        if self.progress:
-            self._print()
+        if trainer.is_global_zero and wandb_loggers(trainer):
+            payload = self.payload(trainer, pl_module, self.rows, True)
+            log_robust_results(trainer, "test", payload, self.ks, self._examples(pl_module, loader))
 
-    @rank_zero_only
-    def _print(self) -> None:
-        from rich.console import Console
-        from rich.table import Table
+    def _examples(self, pl_module: L.LightningModule, loader, n: int = 4) -> list[list]:
+        """A few clean vs adversarial image-caption pairs per attack (first images of the split, first caption)."""
+        batch = next(iter(loader))
+        n = min(n, len(batch.image_ids))
+        keep = batch.txt2img < n
+        images = batch.images[:n].to(pl_module.device)
+        captions = [c for c, k in zip(batch.captions, keep.tolist(), strict=True) if k]
+        txt2img = batch.txt2img[keep].to(pl_module.device)
+        first = [int((txt2img == i).nonzero()[0]) for i in range(n)]  # first caption of each image
+        out = []
+        for attack in self.attacks:
+            attack = attack.clone().with_gallery(self._gallery)
+            result = attack(pl_module.encoder, images, captions, txt2img, image_ids=batch.image_ids[:n])
+            for i in range(n):
+                out.append(
+                    [
+                        attack.name,
+                        _to_hwc(images[i]),
+                        _to_hwc(result.images[i]),
+                        captions[first[i]],
+                        result.captions[first[i]],
+                    ]
+                )
+        return out
 
-        table = Table(title=f"robust retrieval — {self.experiment}")
-        cols = [
-            "attack",
-            "eps_255",
-            *[f"{d}_r{k}" for d in ("tr", "ir") for k in self.ks],
-            "asr_flip_tr_r1",
-            "asr_flip_ir_r1",
-            "seconds",
-        ]
-        for c in cols:
-            table.add_column(c, justify="left" if c == "attack" else "right")
-        for row in self.rows:
-            cells = []
-            for c in cols:
-                v = row.get(c)
-                cells.append("–" if v is None else v if isinstance(v, str) else f"{v:.1f}")
-            table.add_row(*cells)
-        Console(stderr=True).print(table)
+    # -- result files ------------------------------------------------------------------------------------------------
 
     def _weights(self, trainer: L.Trainer) -> str:
         if self.weights is not None:
@@ -301,12 +399,14 @@ class RobustRetrievalEval(L.Callback):
             return str(trainer.ckpt_path)
         return "final" if trainer.global_step > 0 else "start"
 
-    @rank_zero_only
-    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def payload(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict], complete: bool
+    ) -> dict:
+        """The content of ``results.json``."""
         dm = trainer.datamodule
         eval_set = dm.eval_set("test") if dm is not None and hasattr(dm, "eval_set") else None
         encoder = pl_module.encoder
-        payload = {
+        return {
             "experiment": self.experiment,
             "model": f"{getattr(encoder, 'model_name', type(encoder).__name__)}"
             f"/{getattr(encoder, 'pretrained', None)}",
@@ -322,7 +422,71 @@ class RobustRetrievalEval(L.Callback):
             "subcommand": self.subcommand or (trainer.state.fn.value if trainer.state.fn else None),
             "resumed_from": self.resumed_from,
             "seed": self.seed,
-            "rows": self.rows,
+            # the attacks of the run and their eps grid: `mat report` averages only runs evaluated alike
+            "attacks": {a.name: attack_config(a) for a in self.attacks},
+            "eps_255_grid": self.eps_255_grid,
+            "modalities": {a.name: a.modality for a in self.attacks},
+            "complete": complete,  # false while the attacks run, or when the run stopped before the last one
+            "rows": list(rows),
         }
-        write_results(trainer.default_root_dir, payload)
-        log.info("results written to %s", Path(trainer.default_root_dir) / "results.json")
+
+    @rank_zero_only
+    def _write(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict], complete: bool
+    ) -> None:
+        """Rewrite the result files: after every attack (a late failure loses nothing), then with the figures."""
+        write_results(
+            trainer.default_root_dir, self.payload(trainer, pl_module, rows, complete), figures=complete
+        )
+        if complete:
+            log.info("results written to %s", Path(trainer.default_root_dir) / "results.json")
+
+
+def attack_config(attack: Attack) -> dict:
+    """A JSON-able, process-independent description of an attack's settings (class, ε, public attributes).
+
+    Sets (stop words) become their size and a content hash; other objects their class name.
+    """
+
+    def value(v):
+        if isinstance(v, Attack):
+            return attack_config(v)
+        if v is None or isinstance(v, bool | int | float | str):
+            return v
+        if isinstance(v, list | tuple):
+            return [value(x) for x in v]
+        if isinstance(v, set | frozenset):
+            digest = hashlib.sha1("\n".join(sorted(map(str, v))).encode()).hexdigest()[:12]
+            return f"<{len(v)} items {digest}>"
+        return f"<{type(v).__name__}>"
+
+    public = {k: value(v) for k, v in vars(attack).items() if not k.startswith("_")}
+    return {"class": type(attack).__name__, "eps_255": attack.eps_255, **public}  # ε is a property
+
+
+def _to_hwc(image: torch.Tensor):
+    """float[3, H, W] in [0, 1] -> uint8[H, W, 3] (numpy), for image loggers."""
+    return (image.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _text_attacks(attack: Attack) -> list[Attack]:
+    """The attack and its parts (a multimodal attack's ``text_attack``): where an ``mlm`` setting may sit."""
+    parts = [attack]
+    for name in ("text_attack", "image_attack"):
+        part = getattr(attack, name, None)
+        if isinstance(part, Attack):
+            parts.append(part)
+    return parts
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` and write a probe file into it; raise one ConfigError naming it otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".mat-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"{what} {folder} is not writable ({e.strerror or e}); choose another folder"
+        ) from None
