@@ -39,7 +39,6 @@ FAST_FIT = [
     "--data.batch_size=32",
     "--data.max_eval_images=8",
     "--robust_eval.attacks=[]",
-    "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
 ]
 
 
