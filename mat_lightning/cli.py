@@ -35,6 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
@@ -137,6 +138,7 @@ class MatCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        allow_tf32()
         run_dir = cfg.trainer.default_root_dir or agreed_run_dir(Path(cfg.run_root) / cfg.experiment)
         cfg.trainer.default_root_dir = self.run_dir = run_dir
         _quiet_lightning(cfg)
@@ -216,6 +218,15 @@ class MatCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
 
 
+def allow_tf32() -> None:
+    """On a CUDA GPU, fp32 matmuls and convolutions use TF32 tensor cores (``float32_matmul_precision="high"``):
+    ~8x the throughput of true fp32 on Ampere and later, at a 10-bit mantissa in the products. Off the GPU the
+    setting changes nothing, so it is left alone."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def _quiet_lightning(cfg) -> None:
     """Lightning's "Test metric" table off (float32 noise, 50+ rows): the run prints its own results table."""
     if "verbose" in cfg:
@@ -233,8 +244,6 @@ def validate_experiment_name(name: object) -> None:
 
 def load_user_checkpoint(path: str) -> dict:
     """``torch.load`` a user's --ckpt_path safely (``weights_only``: no code runs), as a dict with a state dict."""
-    import torch
-
     if not Path(path).is_file():
         raise ConfigError(f"--ckpt_path {path}: no such file")
     if Path(path).stat().st_size == 0:

@@ -21,7 +21,7 @@ from mat_lightning.defenses.base import Defense
 from mat_lightning.defenses.clean import Clean
 from mat_lightning.errors import ConfigError
 from mat_lightning.eval.embeddings import EmbeddingBank
-from mat_lightning.eval.retrieval import recall_at_k
+from mat_lightning.eval.retrieval import recall_at_k, similarity
 from mat_lightning.models.encoder import VLEncoder
 from mat_lightning.models.pretrain import param_groups, warmup_cosine
 
@@ -146,7 +146,7 @@ class MatModule(L.LightningModule):
             return
         img, txt, txt2img, _ = self._bank.compute()
         self._bank = None
-        metrics = recall_at_k(img @ txt.T, txt2img, self.ks)
+        metrics = recall_at_k(similarity(img, txt), txt2img, self.ks)
         # Every rank holds the same gathered embeddings, hence the same values; sync_dist (a mean of equal values)
         # only tells Lightning so, instead of a warning per metric under DDP.
         self.log_dict({f"{stage}/clean/{k}": v for k, v in metrics.items() if k != "r_mean"}, sync_dist=True)

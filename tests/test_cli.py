@@ -153,3 +153,22 @@ def test_unknown_experiment_name_via_make():
     )
     assert proc.returncode != 0
     assert "no experiment 'does_not_exist'" in proc.stderr and "smoke" in proc.stderr
+
+
+def test_tf32_on_cuda_only(monkeypatch):
+    import torch
+
+    from mat_lightning.cli import allow_tf32
+
+    before, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        allow_tf32()
+        assert torch.get_float32_matmul_precision() == "highest"  # CPU: left alone
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        allow_tf32()
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.backends.cudnn.allow_tf32 = cudnn

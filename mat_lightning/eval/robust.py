@@ -42,7 +42,13 @@ from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import ConfigError
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.report import atomic_write, write_results
-from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_from_ranks, retrieval_ranks
+from mat_lightning.eval.retrieval import (
+    RetrievalRanks,
+    attack_success,
+    recall_from_ranks,
+    retrieval_ranks,
+    similarity,
+)
 from mat_lightning.models.encoder import VLEncoder
 
 log = logging.getLogger(__name__)
@@ -81,7 +87,7 @@ def _encode_split(
     if export is not None:
         _write_export_index(export, exported)
     gallery = Gallery(img, ids, txt, ids[txt2img])
-    return retrieval_ranks(img @ txt.T, txt2img), seconds, gallery
+    return retrieval_ranks(similarity(img, txt), txt2img), seconds, gallery
 
 
 def _write_export_index(folder: Path, entries: list[dict]) -> None:
