@@ -146,10 +146,13 @@ def test_real_command_prints_no_traceback(tmp_path):
 
 def test_unknown_experiment_name_via_make():
     proc = subprocess.run(
-        ["make", "-s", "experiment", "NAME=does-not-exist"], cwd=REPO, capture_output=True, text=True
+        ["make", "-s", "experiment", "NAME=does_not_exist", "VENV=/nonexistent"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode != 0
-    assert "no experiment 'does-not-exist'" in proc.stderr and "smoke" in proc.stderr
+    assert "no experiment 'does_not_exist'" in proc.stderr and "smoke" in proc.stderr
 
 
 def test_tf32_on_cuda_only(monkeypatch):

@@ -87,6 +87,10 @@ def load_mlm(spec: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path)
     except (OSError, ValueError) as e:  # missing folder, unknown hub id, offline hub
+        from mat_lightning import world
+
+        if world.is_cached(path):
+            raise ConfigError(world.corrupt_cache_hint(path)) from None
         raise ConfigError(
             f"could not load the masked LM {spec!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
             "Offline? Give a local folder written by save_pretrained, or 'synthetic' for the synthetic world's MLM."

@@ -123,6 +123,10 @@ class OpenClipEncoder(VLEncoder):
                 pretrained_text=False,
             )
         except (RuntimeError, OSError, ValueError) as e:
+            from mat_lightning import world
+
+            if resolved is not None and world.is_cached(resolved):
+                raise ConfigError(world.corrupt_cache_hint(resolved)) from None
             raise ConfigError(
                 f"could not create open_clip model {model_name!r} with pretrained={pretrained!r}: {e}\n"
                 "Offline? Weights cannot be downloaded here: pass a local checkpoint file as "
