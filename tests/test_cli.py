@@ -155,7 +155,29 @@ def test_real_command_prints_no_traceback(tmp_path):
 
 def test_unknown_experiment_name_via_make():
     proc = subprocess.run(
-        ["make", "-s", "experiment", "NAME=does-not-exist"], cwd=REPO, capture_output=True, text=True
+        ["make", "-s", "experiment", "NAME=does_not_exist", "VENV=/nonexistent"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode != 0
-    assert "no experiment 'does-not-exist'" in proc.stderr and "smoke" in proc.stderr
+    assert "no experiment 'does_not_exist'" in proc.stderr and "smoke" in proc.stderr
+
+
+def test_tf32_on_cuda_only(monkeypatch):
+    import torch
+
+    from mat_lightning.cli import allow_tf32
+
+    before, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        allow_tf32()
+        assert torch.get_float32_matmul_precision() == "highest"  # CPU: left alone
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        allow_tf32()
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.backends.cudnn.allow_tf32 = cudnn

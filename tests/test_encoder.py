@@ -98,3 +98,49 @@ def test_word_cached_tokenizer_equals_open_clip(random_encoder, flickr_test_json
         "a " * 40,
     ]  # odd spacing, unicode, truncation
     torch.testing.assert_close(random_encoder.tokenize(captions), random_encoder.tokenizer(captions))
+
+
+@pytest.mark.parametrize("context_length", [32, 77])
+def test_text_context_cut_to_tokens_in_use_is_exact(
+    random_encoder, flickr_test_json, tiny_test_split, context_length
+):
+    """Length-bucketed, cut-context text encoding equals open_clip's full-context encode_text (Flickr30K captions)."""
+    import open_clip
+
+    from mat_lightning.data.formats import read_annotations
+
+    if (
+        context_length != random_encoder.model.context_length
+    ):  # a tiny text tower with CLIP's 77-token context
+        torch.manual_seed(0)
+        text_cfg = {
+            "context_length": context_length,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 2,
+        }
+        vision_cfg = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}
+        random_encoder.model = open_clip.CLIP(64, vision_cfg, text_cfg).eval()
+        random_encoder.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        random_encoder._word_ids = {}
+    assert random_encoder._can_cut_context()
+    captions = [c for r in read_annotations(flickr_test_json, "/") for c in r.captions][:300]
+    captions += [c for caps in tiny_test_split[1] for c in caps][:60]
+    captions += ["a " * 80, "!", "a dog ! ! !"]  # truncated at the context, id 0 ("!") inside a caption
+    with torch.no_grad():
+        for batch in (
+            captions,
+            captions[:5],
+            captions[-3:],
+        ):  # bucketed (4 forwards) and single-forward paths
+            ids = random_encoder.tokenize(batch)
+            full = random_encoder.model.encode_text(ids, normalize=True)
+            torch.testing.assert_close(random_encoder.encode_text(batch), full, atol=2e-6, rtol=1e-5)
+            raw = random_encoder.model.encode_text(ids)
+            torch.testing.assert_close(
+                random_encoder.encode_text(batch, normalize=False), raw, atol=1e-5, rtol=1e-5
+            )
+    # gradients flow through the buckets back to the weights (training uses this path)
+    random_encoder.encode_text(captions[:130]).sum().backward()
+    assert random_encoder.model.token_embedding.weight.grad is not None

@@ -5,23 +5,35 @@ The algorithm of the VLP attack papers (reference-implementations.md §1-2, §6)
 1. one masked-LM forward on the **unmasked** captions gives the top-k substitutes at every sub-word position;
 2. word importance: each word replaced by ``[UNK]``, importance = KL(softmax(e(caption)) ‖ softmax(e(variant)))
    of the *target* text encoder's embeddings;
-3. greedy by importance (stop words skipped): the candidates of the word (top-k MLM tokens; for words of several
-   sub-words, combinations of the top ``bpe_top`` tokens per sub-word ranked by MLM perplexity, capped) minus
-   sub-words, special tokens, stop words and the word itself are scored together with the current caption;
-   the best one is kept if it beats the current caption; stop after ``max_words`` changes.
+3. greedy by importance (stop words skipped): the candidates of the word are scored together with the current
+   caption; the best one is kept if it beats the current caption; stop after ``max_words`` changes.
+
+Candidates, as the references' ``get_substitues``: a one-sub-word word gets the MLM's top-k tokens at its position,
+cut at the first whose raw logit is below ``threshold_pred_score`` (0.3; 0 disables); a word of several sub-words
+gets the first 24 combinations (in product order) of the top-4 tokens per sub-word, ranked by MLM perplexity, each
+turned back into text by the tokenizer (``tang ##erine`` -> ``tangerine``; ``top of`` keeps its space, so a
+candidate may be two words, as in the references). Filtered out: the word itself, anything holding ``##``, stop
+words and special tokens. Perplexity ranking is lazy: it runs only for the words the greedy search reaches (with one
+word changed per caption, most captions stop at their first word), batched across captions.
 
 Candidate scores (``objective``): ``image_cosine`` — lowest cosine to the caption's image embedding (SGA's
 ``img_guided_attack``), or ``embedding_kl`` — largest KL from the original caption's embedding (Co-Attack).
 
 Why written here rather than taken from TextAttack: the reference code and TextAttack's recipe run one caption at a
 time (>= 2 text-encoder forwards per caption plus MLM forwards per multi-sub-word word). Here every stage is
-batched across captions: one MLM pass for all captions (chunked), one pass for all perplexity combinations, one
-text-encoder pass for all [UNK] variants, one per greedy round for all candidates.
+batched across captions: one MLM pass for all captions (chunked, sorted by length), one text-encoder pass for all
+[UNK] variants, one perplexity pass and one text-encoder pass per greedy round for all captions. The
+image-independent part (:meth:`BertAttack.prepare_captions`: tokenisation, MLM candidates, word ranking) is
+computed once and shared when the same captions are attacked twice (SGA).
 
 Offsets: HF tokenisers put ``[CLS]`` at position 0, so word ``j``'s sub-words sit one position after their index in
 the word's sub-word list. We shift (as the original BERT-Attack does); ``legacy_offset=True`` reproduces the
 off-by-one of Co-Attack/SGA (candidates of word ``j`` read at the *previous* token) for comparison with published
 numbers.
+
+Deliberate differences: candidates equal to the word up to case, and duplicates, are dropped (they cannot beat the
+current caption under CLIP's lower-casing tokenizer); stop words are matched case-insensitively (the references
+lower-case captions beforehand); words whose sub-words run past ``max_length`` are not attacked.
 """
 
 from __future__ import annotations
@@ -84,6 +96,10 @@ def load_mlm(spec: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path)
     except (OSError, ValueError) as e:  # missing folder, unknown hub id, offline hub
+        from mat_lightning import world
+
+        if world.is_cached(path):
+            raise ConfigError(world.corrupt_cache_hint(path)) from None
         raise ConfigError(
             f"could not load the masked LM {spec!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
             "Offline? Give a local folder written by save_pretrained, or 'synthetic' for the synthetic world's MLM."
@@ -92,13 +108,25 @@ def load_mlm(spec: str) -> tuple[Any, Any]:
 
 
 @dataclass
-class _Caption:
-    words: list[str]
-    keys: list[tuple[int, int]]  # sub-word span [start, end) of each word in the caption's sub-word list
-    candidates: list[list[str]]  # per word
-    order: list[int]  # eligible words, most important first
-    changes: int = 0
-    cursor: int = 0
+class PreparedCaptions:
+    """The image-independent part of the attack on a batch of captions (reusable: SGA attacks the same captions
+    twice, guided by different images).
+
+    Attributes:
+        captions: the T original captions.
+        orig_emb: float[T, D] their embeddings.
+        words: per caption, its words (split on single spaces, as the references do).
+        order: per caption, the attackable words, most important first.
+        candidates: per caption, word index -> substitutes; filled lazily for multi-sub-word words.
+        combos: per caption, word index -> sub-word id combinations awaiting perplexity ranking.
+    """
+
+    captions: list[str]
+    orig_emb: Tensor
+    words: list[list[str]]
+    order: list[list[int]]
+    candidates: list[dict[int, list[str]]]
+    combos: list[dict[int, list[tuple[int, ...]]]]
 
 
 class BertAttack(Attack):
@@ -106,13 +134,17 @@ class BertAttack(Attack):
 
     Args:
         mlm: masked LM: a hub name (``bert-base-uncased``), a local folder, or ``synthetic`` (the synthetic world's).
-        top_k: substitutes per word (10 in Co-Attack/SGA).
+        top_k: substitutes per one-sub-word word (10 in Co-Attack/SGA).
         max_words: words changed at most per caption (1 in Co-Attack/SGA).
         objective: ``image_cosine`` (SGA) or ``embedding_kl`` (Co-Attack).
-        max_length: sub-words given to the MLM (words beyond are not attacked).
+        max_length: sub-words given to the MLM, ``[CLS]``/``[SEP]`` included (77 as the CLIP references; words
+            beyond are not attacked).
+        threshold_pred_score: one-sub-word candidates stop at the first raw MLM logit below it (references: 0.3;
+            0 disables).
         legacy_offset: reproduce the Co-Attack/SGA off-by-one (candidates from the previous token's position).
         bpe_top, bpe_max_combinations, max_subwords: multi-sub-word words: top tokens per sub-word, combinations
-            kept (in product order) before perplexity ranking, and the longest word attempted.
+            kept (in product order) and ranked by perplexity, all proposed (references: 4, 24), and the longest
+            word attempted.
         stop_words: words never replaced nor proposed (default: :data:`~mat_lightning.attacks.stopwords.STOP_WORDS`).
         unk_token: the string that replaces a word when measuring its importance.
         candidate_generator: propose substitutes another way (a TextAttack transformation) instead of the MLM.
@@ -128,7 +160,8 @@ class BertAttack(Attack):
         top_k: int = 10,
         max_words: int = 1,
         objective: TextObjective = "image_cosine",
-        max_length: int = 40,
+        max_length: int = 77,
+        threshold_pred_score: float = 0.3,
         legacy_offset: bool = False,
         bpe_top: int = 4,
         bpe_max_combinations: int = 24,
@@ -143,13 +176,15 @@ class BertAttack(Attack):
         super().__init__(seed)
         if objective not in ("image_cosine", "embedding_kl"):
             raise ConfigError(f"BertAttack objective={objective!r}; choose image_cosine or embedding_kl")
-        if top_k < 1 or max_words < 0 or max_length < 3 or bpe_top < 1:
+        if top_k < 1 or max_words < 0 or max_length < 3 or bpe_top < 1 or bpe_max_combinations < 1:
             raise ConfigError(
-                f"BertAttack needs top_k >= 1, max_words >= 0, max_length >= 3, bpe_top >= 1 "
-                f"(got {top_k}, {max_words}, {max_length}, {bpe_top})"
+                f"BertAttack needs top_k >= 1, max_words >= 0, max_length >= 3, bpe_top >= 1, "
+                f"bpe_max_combinations >= 1 (got {top_k}, {max_words}, {max_length}, {bpe_top}, "
+                f"{bpe_max_combinations})"
             )
         self.mlm, self.top_k, self.max_words, self.objective = mlm, top_k, max_words, objective
         self.max_length, self.legacy_offset = max_length, legacy_offset
+        self.threshold_pred_score = float(threshold_pred_score)
         self.bpe_top, self.bpe_max_combinations, self.max_subwords = (
             bpe_top,
             bpe_max_combinations,
@@ -160,6 +195,7 @@ class BertAttack(Attack):
         self.candidate_generator = candidate_generator
         self.text_batch_size, self.mlm_batch_size = text_batch_size, mlm_batch_size
         self._mlm: tuple[Any, Any] | None = None
+        self._special: frozenset[str] = frozenset()
 
     @classmethod
     def from_mlm(cls, model: Any, tokenizer: Any, **kwargs: Any) -> BertAttack:
@@ -176,6 +212,8 @@ class BertAttack(Attack):
         if self._mlm is None:
             self._mlm = load_mlm(self.mlm)
         model, tok = self._mlm
+        if not self._special:  # computed once: a tokenizer's all_special_tokens is rebuilt on every access
+            self._special = frozenset(tok.all_special_tokens)
         if next(model.parameters()).device != device:
             model.to(device)
         return model, tok
@@ -188,21 +226,22 @@ class BertAttack(Attack):
         image_emb = None
         if self.objective == "image_cosine":
             with torch.no_grad():
-                image_emb = encoder.encode_image(images).float()  # bf16 under autocast: scores in fp32
+                image_emb = encoder.encode_image(images)
         return AttackResult(images, self.perturb(encoder, captions, txt2img, self.objective, image_emb))
 
     # -- the batched algorithm ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, encoder: VLEncoder, texts: Sequence[str]) -> Tensor:
+        """float32[T, D] text embeddings in chunks of ``text_batch_size`` (fp32 even under a bf16 autocast)."""
         if not texts:
             return torch.empty(0)
         return torch.cat(
             [
-                encoder.encode_text(texts[i : i + self.text_batch_size])
+                encoder.encode_text(texts[i : i + self.text_batch_size]).float()
                 for i in range(0, len(texts), self.text_batch_size)
             ]
-        ).float()  # bf16 under autocast (bf16-mixed training): candidates are scored in fp32
+        )
 
     @torch.no_grad()
     def perturb(
@@ -212,6 +251,7 @@ class BertAttack(Attack):
         txt2img: Tensor,
         objective: TextObjective,
         image_emb: Tensor | None = None,
+        prepared: PreparedCaptions | None = None,
     ) -> list[str]:
         """Adversarial versions of ``captions``.
 
@@ -219,155 +259,214 @@ class BertAttack(Attack):
             captions: T strings; txt2img: long[T] row of each caption's image in ``image_emb``.
             objective: how candidates are scored (``image_cosine`` needs ``image_emb``).
             image_emb: float[B, D] L2-normalised embeddings of the guiding images (clean or adversarial).
+            prepared: :meth:`prepare_captions` of these captions with this encoder, to reuse it.
         """
         if self.max_words == 0 or not captions:
             return list(captions)
-        device = encoder_device(encoder)
-        orig_emb = self.encode(encoder, captions)  # (T, D)
-        states = self._prepare(captions, device)
-        self._rank_words(encoder, states, orig_emb)
-        guide = image_emb[txt2img.to(image_emb.device)] if objective == "image_cosine" else None
+        prep = prepared if prepared is not None else self.prepare_captions(encoder, captions)
+        if prep.captions != list(captions):
+            raise ValueError("BertAttack.perturb: `prepared` was computed for other captions")
+        orig_emb = prep.orig_emb
+        guide = image_emb[txt2img.to(image_emb.device)].float() if objective == "image_cosine" else None
 
+        words = [list(w) for w in prep.words]
         current = list(captions)
+        current_emb = orig_emb.clone()  # embedding of each current caption: candidate 0 is never re-encoded
+        changes, cursor = [0] * len(captions), [0] * len(captions)
         while True:
+            active = [t for t in range(len(captions)) if changes[t] < self.max_words]
+            self._advance_to_words_with_candidates(prep, active, cursor)
             # One greedy round for every caption that still has budget and words: its next word's candidates.
-            texts, owners, subs = [], [], []
-            for t, st in enumerate(states):
-                if st.changes >= self.max_words or st.cursor >= len(st.order):
+            texts, owners, subs, keep_rows = [], [], [], []
+            for t in active:
+                if cursor[t] >= len(prep.order[t]):
                     continue
-                j = st.order[st.cursor]
-                texts.append(current[t])  # candidate 0: keep the current caption
+                j = prep.order[t][cursor[t]]
+                keep_rows.append(len(owners))  # candidate 0: keep the current caption
                 owners.append(t)
                 subs.append((j, None))
-                for cand in st.candidates[j]:
-                    texts.append(" ".join(st.words[:j] + [cand] + st.words[j + 1 :]))
+                left, right = " ".join(words[t][:j]), " ".join(words[t][j + 1 :])
+                for cand in prep.candidates[t][j]:
+                    texts.append(" ".join(p for p in (left, cand, right) if p))
                     owners.append(t)
                     subs.append((j, cand))
-            if not texts:
+            if not owners:
                 break
-            emb = self.encode(encoder, texts)
-            owner = torch.tensor(owners, device=emb.device)
+            owner = torch.tensor(owners, device=current_emb.device)
+            is_keep = torch.zeros(len(owners), dtype=torch.bool, device=owner.device)
+            is_keep[keep_rows] = True
+            emb = current_emb[owner]
+            if texts:
+                emb[~is_keep] = self.encode(encoder, texts).to(emb.device)
             if objective == "image_cosine":
-                score = -(emb * guide[owner]).sum(dim=-1)
+                score = -(emb * guide.to(emb.device)[owner]).sum(dim=-1)
             else:
-                score = F.kl_div(
-                    F.log_softmax(emb, -1), F.softmax(orig_emb[owner], -1), reduction="none"
-                ).sum(-1)
+                score = _kl_rows(emb, orig_emb.to(emb.device)[owner])
             for t, idx in _segment_argmax(score, owner, len(captions)).items():
-                st = states[t]
                 j, cand = subs[idx]
                 if cand is not None:
-                    st.words = st.words[:j] + [cand] + st.words[j + 1 :]
-                    current[t] = " ".join(st.words)
-                    st.changes += 1
-                st.cursor += 1
+                    words[t][j] = cand
+                    current[t] = " ".join(words[t])
+                    current_emb[t] = emb[idx]
+                    changes[t] += 1
+                cursor[t] += 1
         return current
 
-    def _prepare(self, captions: list[str], device: torch.device) -> list[_Caption]:
-        """Split into words and sub-words; candidates for every word from one batched MLM pass."""
-        model, tok = (None, None) if self.candidate_generator is not None else self.mlm_and_tokenizer(device)
-        split = [c.split(" ") for c in captions]
-        if tok is not None:  # all words of all captions through the tokenizer at once
-            flat = [w for words in split for w in words]
-            pieces_flat = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
-        states, ids, pos = [], [], 0
-        for words in split:
-            keys, sub_ids = [], []
-            for _ in words:
-                pieces = pieces_flat[pos] if tok is not None else [0]
-                pos += 1
+    @torch.no_grad()
+    def prepare_captions(self, encoder: VLEncoder, captions: list[str]) -> PreparedCaptions:
+        """Split into words and sub-words, MLM candidates (one batched pass), word importance (one encoder pass)."""
+        device = encoder_device(encoder)  # a duck-typed encoder may have no parameters (DESIGN §4)
+        words = [c.split(" ") for c in captions]
+        candidates: list[dict[int, list[str]]] = [{} for _ in captions]
+        combos: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in captions]
+        if self.candidate_generator is not None:
+            for t, ws in enumerate(words):
+                for j, w in enumerate(ws):
+                    if self._attackable(w):
+                        candidates[t][j] = self._filter(
+                            w, self.candidate_generator.candidates(ws, j, self.top_k)
+                        )
+        else:
+            self._mlm_candidates(words, candidates, combos, device)
+        orig_emb = self.encode(encoder, captions)
+        prep = PreparedCaptions(list(captions), orig_emb, words, [[] for _ in captions], candidates, combos)
+        self._rank_words(encoder, prep)
+        return prep
+
+    def _mlm_candidates(
+        self,
+        words: list[list[str]],
+        candidates: list[dict[int, list[str]]],
+        combos: list[dict[int, list[tuple[int, ...]]]],
+        device: torch.device,
+    ) -> None:
+        """One-sub-word words' candidates now; multi-sub-word words' combinations for lazy perplexity ranking."""
+        model, tok = self.mlm_and_tokenizer(device)
+        flat = [w for ws in words for w in ws]
+        pieces_flat = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+        ids, spans, pos = [], [], 0
+        for ws in words:
+            sub_ids: list[int] = []
+            keys = []
+            for pieces in pieces_flat[pos : pos + len(ws)]:
                 keys.append((len(sub_ids), len(sub_ids) + len(pieces)))
                 sub_ids += pieces
-            if tok is not None:
-                ids.append([tok.cls_token_id] + sub_ids[: self.max_length - 2] + [tok.sep_token_id])
-            states.append(_Caption(words=words, keys=keys, candidates=[[] for _ in words], order=[]))
-        if self.candidate_generator is not None:
-            for st in states:
-                for j, w in enumerate(st.words):
-                    if self._attackable(w):
-                        st.candidates[j] = self._filter(
-                            w, self.candidate_generator.candidates(st.words, j, self.top_k)
-                        )
-            return states
-
-        # One MLM forward (in chunks) over the unmasked captions: top-k ids at every position.
+            pos += len(ws)
+            ids.append([tok.cls_token_id] + sub_ids[: self.max_length - 2] + [tok.sep_token_id])
+            spans.append(keys)
         n_top = max(self.top_k, self.bpe_top)
-        top_ids = _mlm_topk(model, tok, ids, n_top, self.mlm_batch_size, device)  # list of long[L_t, n_top]
+        top_ids, top_logits = _mlm_topk(model, tok, ids, n_top, self.mlm_batch_size, device)  # (T, L, n_top)
         offset = 0 if self.legacy_offset else 1
-        bpe_requests: list[tuple[int, int, list[tuple[int, ...]]]] = []
-        for t, st in enumerate(states):
-            for j, (start, end) in enumerate(st.keys):
+        single: list[tuple[int, int, int]] = []  # (caption, word, position) of one-sub-word words
+        for t, keys in enumerate(spans):
+            for j, (start, end) in enumerate(keys):
                 if (
-                    not self._attackable(st.words[j])
+                    not self._attackable(words[t][j])
                     or end > self.max_length - 2
                     or end - start > self.max_subwords
                 ):
                     continue
-                rows = top_ids[t][
-                    start + offset : end + offset
-                ]  # predictions at the word's sub-word positions
                 if end - start == 1:
-                    tokens = tok.convert_ids_to_tokens(rows[0, : self.top_k].tolist())
-                    st.candidates[j] = self._filter(st.words[j], tokens, tok)
-                else:
-                    per_position = [r[: self.bpe_top].tolist() for r in rows]
-                    combos = list(
+                    single.append((t, j, start + offset))
+                else:  # predictions at the word's sub-word positions; combinations in product order
+                    per_position = top_ids[t, start + offset : end + offset, : self.bpe_top].tolist()
+                    combos[t][j] = list(
                         itertools.islice(itertools.product(*per_position), self.bpe_max_combinations)
                     )
-                    bpe_requests.append((t, j, combos))
-        if bpe_requests:  # multi-sub-word words: rank all combinations by MLM perplexity in one batched pass
-            flat = [c for _, _, combos in bpe_requests for c in combos]
-            ppl = _perplexity(model, flat, self.mlm_batch_size, device)
-            pos = 0
-            for t, j, combos in bpe_requests:
-                scores = ppl[pos : pos + len(combos)]
-                pos += len(combos)
-                ranked = [combos[i] for i in torch.argsort(scores).tolist()][: self.top_k]
-                words = [
-                    tok.convert_tokens_to_string(tok.convert_ids_to_tokens(list(c))).replace(" ", "")
-                    for c in ranked
-                ]
-                states[t].candidates[j] = self._filter(states[t].words[j], words, tok)
-        return states
+        if not single:
+            return
+        where = torch.tensor(single)
+        rows = top_ids[where[:, 0], where[:, 2], : self.top_k]  # (n, top_k)
+        if self.threshold_pred_score != 0:  # cut each list at its first logit below the threshold
+            above = top_logits[where[:, 0], where[:, 2], : self.top_k] >= self.threshold_pred_score
+            keep = above.long().cumprod(dim=1).sum(dim=1).tolist()
+        else:
+            keep = [self.top_k] * len(single)
+        tokens = tok.convert_ids_to_tokens(rows.flatten().tolist())
+        for i, ((t, j, _), n) in enumerate(zip(single, keep, strict=True)):
+            candidates[t][j] = self._filter(words[t][j], tokens[i * self.top_k : i * self.top_k + n])
+
+    def _advance_to_words_with_candidates(
+        self, prep: PreparedCaptions, active: list[int], cursor: list[int]
+    ) -> None:
+        """Move each active caption's cursor to its next word with candidates, ranking combinations on the way.
+
+        Words without candidates are skipped (as the references ``continue``); the perplexity ranking of the
+        multi-sub-word words reached runs batched across captions.
+        """
+        while True:
+            pending: list[tuple[int, int]] = []
+            for t in active:
+                while cursor[t] < len(prep.order[t]):
+                    j = prep.order[t][cursor[t]]
+                    found = prep.candidates[t].get(j)
+                    if found is None:
+                        pending.append((t, j))
+                        break
+                    if found:
+                        break
+                    cursor[t] += 1
+            if not pending:
+                return
+            self._rank_combinations(prep, pending)
+
+    def _rank_combinations(self, prep: PreparedCaptions, pending: list[tuple[int, int]]) -> None:
+        """Candidates of multi-sub-word words: their combinations ranked by MLM perplexity (one batched pass)."""
+        model, tok = self._mlm
+        device = next(model.parameters()).device
+        flat = [c for t, j in pending for c in prep.combos[t][j]]
+        ppl = _perplexity(model, flat, self.mlm_batch_size, device)
+        pos = 0
+        for t, j in pending:
+            word_combos = prep.combos[t].pop(j)
+            scores = ppl[pos : pos + len(word_combos)]
+            pos += len(word_combos)
+            ranked = [word_combos[i] for i in torch.argsort(scores, stable=True).tolist()]
+            tokens = tok.convert_ids_to_tokens([i for c in ranked for i in c])  # one call for the word
+            width = len(ranked[0])  # every combination of a word has one token per sub-word
+            texts = [
+                tok.convert_tokens_to_string(tokens[k : k + width]) for k in range(0, len(tokens), width)
+            ]
+            prep.candidates[t][j] = self._filter(prep.words[t][j], texts)
 
     def _attackable(self, word: str) -> bool:
         return bool(word) and word.lower() not in self.stop_words
 
-    def _filter(self, word: str, candidates: list[str], tok: Any = None) -> list[str]:
-        special = set(getattr(tok, "all_special_tokens", [])) if tok is not None else set()
+    def _filter(self, word: str, candidates: list[str]) -> list[str]:
+        """Drop empty strings, sub-word pieces, special tokens, stop words, the word itself and duplicates."""
+        special, stop, lowered = self._special, self.stop_words, word.lower()
         out: list[str] = []
         for c in candidates:
-            if (
-                not c
-                or "##" in c
-                or c in special
-                or c.lower() == word.lower()
-                or c.lower() in self.stop_words
-                or " " in c
-            ):
+            c = c.strip()
+            if not c or "##" in c or c in special or c.lower() == lowered or c.lower() in stop or c in out:
                 continue
-            if c not in out:
-                out.append(c)
+            out.append(c)
         return out
 
-    def _rank_words(self, encoder: VLEncoder, states: list[_Caption], orig_emb: Tensor) -> None:
-        """Importance of every attackable word with candidates: KL of the embedding when it becomes ``[UNK]``."""
+    def _rank_words(self, encoder: VLEncoder, prep: PreparedCaptions) -> None:
+        """Importance of every attackable word with (possible) candidates: KL of the embedding when it becomes
+        ``[UNK]``. Sets ``prep.order``."""
         variants, where = [], []
-        for t, st in enumerate(states):
-            for j in range(len(st.words)):
-                if st.candidates[j]:
-                    variants.append(" ".join(st.words[:j] + [self.unk_token] + st.words[j + 1 :]))
+        for t, ws in enumerate(prep.words):
+            for j in range(len(ws)):
+                if prep.candidates[t].get(j) or j in prep.combos[t]:
+                    variants.append(" ".join(ws[:j] + [self.unk_token] + ws[j + 1 :]))
                     where.append((t, j))
         if not variants:
             return
         emb = self.encode(encoder, variants)
         rows = torch.tensor([t for t, _ in where], device=emb.device)
-        importance = F.kl_div(F.log_softmax(emb, -1), F.softmax(orig_emb[rows], -1), reduction="none").sum(-1)
+        importance = _kl_rows(emb, prep.orig_emb.to(emb.device)[rows])
         by_caption: dict[int, list[tuple[float, int]]] = {}
         for (t, j), s in zip(where, importance.tolist(), strict=True):
             by_caption.setdefault(t, []).append((s, j))
         for t, scored in by_caption.items():
-            states[t].order = [j for _, j in sorted(scored, key=lambda x: (-x[0], x[1]))]
+            prep.order[t] = [j for _, j in sorted(scored, key=lambda x: (-x[0], x[1]))]
+
+
+def _kl_rows(emb: Tensor, target: Tensor) -> Tensor:
+    """Per row KL(softmax(target) ‖ softmax(emb)), the references' ``KLDivLoss(log_softmax(emb), softmax(tgt))``."""
+    return F.kl_div(F.log_softmax(emb.float(), -1), F.softmax(target.float(), -1), reduction="none").sum(-1)
 
 
 def _segment_argmax(score: Tensor, owner: Tensor, n: int) -> dict[int, int]:
@@ -378,43 +477,55 @@ def _segment_argmax(score: Tensor, owner: Tensor, n: int) -> dict[int, int]:
     first = torch.full((n,), len(score), device=score.device, dtype=torch.long).scatter_reduce(
         0, owner, candidates, "amin"
     )
-    return {t: int(first[t]) for t in torch.unique(owner).tolist()}
+    present = torch.unique(owner)
+    return dict(zip(present.tolist(), first[present].tolist(), strict=True))
 
 
-def _pad(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(x) for x in ids)
+def _pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """long[n, width] ids right-padded with ``pad_id`` and their attention mask, built with one tensor copy."""
+    lengths = torch.tensor([len(x) for x in ids])
+    width = int(lengths.max())
+    mask = torch.arange(width)[None, :] < lengths[:, None]
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return input_ids.to(device), mask.to(device)
+    input_ids[mask] = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
+    return input_ids, mask.long()
 
 
 @torch.no_grad()
 def _mlm_topk(
     model: Any, tok: Any, ids: list[list[int]], k: int, chunk: int, device: torch.device
-) -> list[Tensor]:
-    """Top-k token ids at every position of every sequence: a list of long[len(seq), k] (CPU)."""
-    out: list[Tensor] = []
+) -> tuple[Tensor, Tensor]:
+    """Top-k token ids and their raw logits at every position: long[n, L, k] and float[n, L, k] on the CPU
+    (``L`` the longest sequence; rows past a sequence's end are padding). Sequences run sorted by length, so the
+    chunks carry little padding."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    width = max(len(x) for x in ids)
+    top_ids = torch.zeros(len(ids), width, k, dtype=torch.long)
+    top_logits = torch.zeros(len(ids), width, k)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for i in range(0, len(ids), chunk):
-        part = ids[i : i + chunk]
-        input_ids, mask = _pad(part, pad_id, device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits  # (b, L, V)
-        top = logits.topk(k, dim=-1).indices.cpu()
-        out += [top[b, : len(x)] for b, x in enumerate(part)]
-    return out
+        rows = order[i : i + chunk]
+        input_ids, mask = _pad([ids[r] for r in rows], pad_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (b, l, V)
+        top = logits.float().topk(k, dim=-1)
+        rows_t = torch.tensor(rows)
+        top_ids[rows_t, : input_ids.shape[1]] = top.indices.cpu()
+        top_logits[rows_t, : input_ids.shape[1]] = top.values.cpu()
+    return top_ids, top_logits
 
 
 @torch.no_grad()
 def _perplexity(model: Any, seqs: list[tuple[int, ...]], chunk: int, device: torch.device) -> Tensor:
-    """MLM perplexity of each short token sequence, scored on its own (as the BPE ranking of BERT-Attack)."""
-    out = []
+    """MLM perplexity of each short token sequence, scored on its own (as the BPE ranking of BERT-Attack): float[n]."""
+    out = torch.empty(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for i in range(0, len(seqs), chunk):
-        part = [list(s) for s in seqs[i : i + chunk]]
-        input_ids, mask = _pad(part, 0, device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
-        nll = F.cross_entropy(logits.transpose(1, 2), input_ids, reduction="none")  # (b, L)
-        out.append(torch.exp((nll * mask).sum(1) / mask.sum(1)).cpu())
-    return torch.cat(out)
+        rows = order[i : i + chunk]
+        input_ids, mask = _pad([seqs[r] for r in rows], 0)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (b, L, V)
+        nll = F.cross_entropy(logits.flatten(0, 1), input_ids.flatten(), reduction="none").view(
+            input_ids.shape
+        )
+        out[torch.tensor(rows)] = torch.exp((nll * mask).sum(1) / mask.sum(1)).cpu()
+    return out

@@ -213,7 +213,11 @@ class SGA(_Composed):
     ) -> AttackResult:
         with torch.no_grad():
             clean_img = encoder.encode_image(images)
-        guide_captions = self.text_attack.perturb(encoder, captions, txt2img, "image_cosine", clean_img)
+        # MLM candidates and word ranking do not depend on the guiding image: prepared once for both text passes
+        prepared = self.text_attack.prepare_captions(encoder, captions)
+        guide_captions = self.text_attack.perturb(
+            encoder, captions, txt2img, "image_cosine", clean_img, prepared=prepared
+        )
         with torch.no_grad():
             guidance = Guidance(txt2img=txt2img, text_emb=encoder.encode_text(guide_captions))
         adv_images = self.image_attack.perturb(
@@ -221,5 +225,7 @@ class SGA(_Composed):
         )
         with torch.no_grad():
             adv_img = encoder.encode_image(adv_images)
-        adv_captions = self.text_attack.perturb(encoder, captions, txt2img, "image_cosine", adv_img)
+        adv_captions = self.text_attack.perturb(
+            encoder, captions, txt2img, "image_cosine", adv_img, prepared=prepared
+        )
         return AttackResult(adv_images, adv_captions)

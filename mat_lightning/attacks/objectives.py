@@ -20,6 +20,7 @@ computed once without gradients) to a scalar **to maximise**:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,6 +75,17 @@ class Guidance:
     logit_scale: Tensor | None = None
     image_ids: Tensor | None = None
     gallery: Gallery | None = None
+
+    def float(self) -> Guidance:
+        """A copy with every floating tensor in float32 (embeddings computed under a bf16 autocast)."""
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: v.float()
+                for f in dataclasses.fields(self)
+                if isinstance(v := getattr(self, f.name), torch.Tensor) and v.is_floating_point()
+            },
+        )
 
 
 def kl_from(adv: Tensor, target: Tensor) -> Tensor:

@@ -3,13 +3,18 @@
 Follows torchattacks' ``PGD`` (random start ``U(-ε, ε)`` clamped to [0, 1], ``x += α·sign(∇)``, projection to the
 ε-ball then to [0, 1], last iterate returned) and adds what the VL robustness papers use:
 
+* ``random_start="one_sided"``: Co-Attack's code starts from ``x + U(0, ε)`` (``uniform_(0, 1)·ε``), not from the
+  symmetric ball; this reproduces it (as the draw ``U(-ε, ε)`` mapped by ``u -> (u + ε) / 2``, so both starts use
+  the same random numbers). Unlike Co-Attack we clamp the start to [0, 1] before the first forward;
+
 * ``norm="l2"`` (step along the L2-normalised gradient, projection onto the L2 ball);
 * ``momentum`` as RobustVLM's ``pgd_train.py`` (FARE/TeCoA training): a velocity of normalised gradients,
   re-normalised every step. Under L∞ this is exactly sign-PGD (``sign(0.9·v + sign(g)) = sign(g)``), as in
   RobustVLM; for MI-FGSM-style momentum use ``TorchattacksAttack("MIFGSM")``;
 * objectives by name (:mod:`~mat_lightning.attacks.objectives`), or any callable when attacks are composed;
 * ``views``: a function giving extra differentiable views of the adversarial image (SGA's rescaled copies); the
-  objective is summed over the image and its views.
+  objective is summed over the image and its views, which are encoded in one batch with the image when their shapes
+  agree (one forward and one backward per step).
 
 Defaults are the VLP attack papers' evaluation setting: L∞, ε = 2/255, 10 steps of 0.5/255 (SGA).
 """
@@ -50,7 +55,9 @@ class PGD(Attack):
         steps: iterations.
         step_255: step size in 1/255 units.
         norm: ``linf`` or ``l2``.
-        random_start: start from a uniform point of the ε-ball (L∞) / a random point of the L2 ball.
+        random_start: ``symmetric`` (or ``True``): start from a uniform point of the ε-ball (L∞) / a random point
+            of the L2 ball; ``one_sided``: ``x + U(0, ε)`` per pixel, Co-Attack's code (L∞ only); ``none``
+            (or ``False``): start at the clean image.
         momentum: RobustVLM-style momentum on normalised gradients (0 = plain PGD; no effect under L∞).
         objective: what is maximised: ``contrastive`` (in-batch negatives), ``split_contrastive`` (negatives from
             the evaluation split's clean embeddings; robust evaluation only), ``caption_cosine``, ``embedding_kl``,
@@ -67,7 +74,7 @@ class PGD(Attack):
         steps: int = 10,
         step_255: float = 0.5,
         norm: Literal["linf", "l2"] = "linf",
-        random_start: bool = True,
+        random_start: bool | Literal["symmetric", "one_sided", "none"] = "symmetric",
         momentum: float = 0.0,
         objective: str = "contrastive",
         seed: int | None = 0,
@@ -84,6 +91,14 @@ class PGD(Attack):
         self._eps_255, self.steps, self.step_255 = float(eps_255), steps, float(step_255)
         if not 0 <= momentum < 1:
             raise ConfigError(f"PGD momentum={momentum}: must be in [0, 1)")
+        if random_start is True or random_start is False:
+            random_start = "symmetric" if random_start else "none"
+        if random_start not in ("symmetric", "one_sided", "none"):
+            raise ConfigError(f"PGD random_start={random_start!r}; choose symmetric, one_sided or none")
+        if random_start == "one_sided" and norm != "linf":
+            raise ConfigError(
+                "PGD random_start=one_sided (Co-Attack's U(0, eps) start) is defined for norm=linf only"
+            )
         self.norm, self.random_start, self.momentum, self.objective = norm, random_start, momentum, objective
         self._gallery: Gallery | None = None
 
@@ -165,21 +180,31 @@ class PGD(Attack):
         rng = self.randomness(images.device, self.sample_keys)  # per image when the call gave sample keys
         x0 = images.detach()
         adv = x0.clone()
-        if self.random_start and eps > 0:
+        if self.random_start != "none" and eps > 0:
             if self.norm == "linf":
-                adv = adv + (2 * rng.uniform(adv.shape, adv.dtype) - 1) * eps
+                noise = (2 * rng.uniform(adv.shape, adv.dtype) - 1) * eps  # U(-ε, ε)
+                if self.random_start == "one_sided":  # U(-ε, ε) -> U(0, ε): Co-Attack's start
+                    noise = (noise + eps) / 2
+                adv = adv + noise
             else:
                 direction = rng.normal(adv.shape, adv.dtype)
                 radius = rng.uniform((adv.shape[0], 1, 1, 1), adv.dtype)
                 adv = adv + eps * radius * direction / _l2(direction)
             adv = adv.clamp(0, 1)
         velocity = torch.zeros_like(adv)
+        guidance = guidance.float()
         # DESIGN §4: the keyword is passed only where it is needed (FARE), so DESIGN's encode_image(images) works
         encode = encoder.encode_image if normalize else partial(encode_image_unnormalised, encoder)
         for _ in range(self.steps):
             adv.requires_grad_(True)
             inputs = [adv] + (views(adv, rng) if views is not None else [])
-            loss = sum(objective(encode(v), guidance) for v in inputs)
+            if all(v.shape == adv.shape for v in inputs[1:]):  # SGA's views come back at the image's size:
+                embs = encode(torch.cat(inputs)).chunk(len(inputs))  # one pass
+            else:
+                embs = [encode(v) for v in inputs]
+            # the encoder may run under a bf16 autocast; the objective (softmaxes, KLs) runs in float32
+            with torch.autocast(adv.device.type, enabled=False):
+                loss = sum(objective(e.float(), guidance) for e in embs)
             (grad,) = torch.autograd.grad(loss, adv)
             grad = torch.nan_to_num(grad)
             adv = adv.detach()

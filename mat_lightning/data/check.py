@@ -8,7 +8,9 @@ set is fine: splits the annotations do not have (``--data.annotations='{test: fi
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+from pathlib import Path
 
 from jsonargparse import ArgumentParser
 from rich.console import Console
@@ -21,7 +23,10 @@ from mat_lightning.errors import DataError
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(
-        prog="mat data check", description=__doc__.splitlines()[0], parser_mode="omegaconf"
+        prog="mat data check",
+        description=__doc__.splitlines()[0],
+        parser_mode="omegaconf",
+        allow_abbrev=False,
     )
     parser.add_argument(
         "-c", "--config", action="config", help="A config file with a data: section (an experiment)."
@@ -41,6 +46,7 @@ def main(argv: list[str]) -> None:
     for col in ("split", "layout", "images", "captions", "captions/image", "status"):
         table.add_column(col)
     problems: list[str] = []
+    owners: dict[str, tuple[str, Path]] = {}  # content hash -> (split, first file with that content)
     missing: list[tuple[str, str]] = []  # (split, message) of the splits whose images are missing
     present = 0
     for _stage, split in dm.splits.items():
@@ -71,6 +77,16 @@ def main(argv: list[str]) -> None:
                     load_image(r.image_path, cfg.image_size)
                 except DataError as e:
                     bad.append(str(e))
+        repeated = [
+            r for r in records if r.entries > 1 and r.split is not None
+        ]  # Karpathy: one entry per image
+        if repeated:
+            problems.append(
+                f"{len(repeated)} images of split {split!r} are listed more than once (their captions were merged), "
+                f"e.g. {repeated[0].image_id}; list each image once"
+            )
+        copies = _content_duplicates(records, split, owners)
+        bad += copies
         per = [len(r.captions) for r in records]
         status = "[green]ok" if not bad else f"[red]{len(bad)} bad images"
         table.add_row(split, layout, f"{len(records):,}", f"{sum(per):,}", caption_counts(per), status)
@@ -95,3 +111,24 @@ def caption_counts(per_image: list[int]) -> str:
     """``[5, 5, 6]`` -> ``"5 x2, 6 x1"``: how many images have each number of captions (COCO test: ten with 6)."""
     counts = Counter(per_image)
     return ", ".join(f"{n} x{counts[n]:,}" for n in sorted(counts))
+
+
+def _content_duplicates(records, split: str, owners: dict[str, tuple[str, Path]]) -> list[str]:
+    """Files whose bytes equal an earlier file's, in this split or another (a copy under another name).
+
+    A copy inside one split makes two "different" images of one picture (recall counts a hit on the copy as a
+    miss); across splits it leaks evaluation images into training.
+    """
+    found = []
+    for r in records:
+        try:
+            digest = hashlib.sha256(Path(r.image_path).read_bytes()).hexdigest()
+        except OSError:
+            continue  # reported as missing or unreadable elsewhere
+        if digest in owners:
+            other_split, other = owners[digest]
+            where = "the same split" if other_split == split else f"split {other_split!r}"
+            found.append(f"{r.image_path} has the same content as {other} ({where})")
+        else:
+            owners.setdefault(digest, (split, r.image_path))
+    return found

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +29,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mat_lightning.data.augment.pairs import OneToMany
-from mat_lightning.data.formats import Format, ImageCaptions, check_images_exist, read_annotations
+from mat_lightning.data.formats import (
+    Format,
+    ImageCaptions,
+    check_images_exist,
+    read_annotations,
+    shared_images,
+)
 from mat_lightning.data.sampling import EvalShards, TrainShards
 from mat_lightning.errors import ConfigError, DataError
 
@@ -88,11 +95,45 @@ class RetrievalBatch:
         return RetrievalBatch(self.images.pin_memory(), self.captions, self.txt2img, self.image_ids)
 
 
+TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as the 8-bit RGB picture it shows.
+
+    * transparency (``RGBA``, ``LA``, ``PA``, ``P``/``L``/``RGB`` with a transparent colour) is composited over white:
+      the colour stored under a transparent pixel is not part of the picture (often black);
+    * 16- and 32-bit integer greys (``I;16*``, ``I``: 16-bit PNG and TIFF) are scaled from [0, 65535], float greys
+      (``F``) from [0, 1]; ``Image.convert`` would clip both at 255, showing a white or black picture;
+    * the rest (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``RGBX`` ...) through Pillow's own conversion.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        grey = grey if mode == "F" else grey / 65535.0
+        grey = np.nan_to_num(grey, nan=0.0).clip(0.0, 1.0)
+        return Image.fromarray((grey * 255.0).round().astype(np.uint8), "L").convert("RGB")
+    if mode in TRANSPARENT_MODES or (mode in ("P", "L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as e:  # LAB, HSV: Pillow has no conversion to RGB
+        raise DataError(
+            f"image mode {mode} cannot be converted to RGB ({e}); save the image as RGB"
+        ) from None
+
+
 def load_image(path: Path, size: int) -> Tensor:
     """Decode, resize the shorter side to ``size`` (bicubic, antialiased) and centre-crop: uint8[3, size, size]."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        # Pillow's decompression-bomb guard: a warning above MAX_IMAGE_PIXELS, an error above twice that. Both refuse.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            im = to_rgb(im)
             w, h = im.size
             scale = size / min(w, h)
             if (w, h) != (size, size):
@@ -105,7 +146,12 @@ def load_image(path: Path, size: int) -> Tensor:
         raise DataError(
             f"image not found: {path}. Check --data.image_root or re-create the data set."
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(
+            f"image too large: {path} ({e}). Downscale it (the model sees it at {size} px), or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"image cannot be decoded: {path} ({e}). Replace or remove the file.") from None
     return torch.from_numpy(arr).permute(2, 0, 1)
 
@@ -349,7 +395,14 @@ class RetrievalDataModule(L.LightningDataModule):
                 raise DataError(f"data folder not found: {self.root}. Check --data.root.")
             path = self.annotation_file(split)
             roots = self._image_roots(path)
-            records = read_annotations(path, roots[0], split, self.format)
+            try:
+                records = read_annotations(path, roots[0], split, self.format)
+            except DataError as e:
+                from mat_lightning import world
+
+                if self.dataset == "synthetic" and world.is_cached(path):
+                    raise DataError(f"{e}\n{world.corrupt_cache_hint(path.parent)}") from None
+                raise
             if all(r.split is None for r in records):  # an ALBEF-style file: one split per file
                 other = self._split_files.setdefault(path.resolve(), split)
                 if other != split:
@@ -396,6 +449,20 @@ class RetrievalDataModule(L.LightningDataModule):
             self.eval_sets[stage] = EvalSet(store, records)
         return self.eval_sets[stage]
 
+    def check_disjoint(self, stage: str) -> None:
+        """The ``stage`` split shares no image (path or content) with the train split, if training has read it."""
+        train, split = self.splits["fit"], self.splits[stage]
+        if train not in self.records or split == train:
+            return
+        pairs = shared_images(self.records[train], self.read_split(split))
+        if pairs:
+            a, b = pairs[0]
+            raise DataError(
+                f"{len(pairs)} images of the {split!r} split are also in the {train!r} split (the same file or the "
+                f"same content), e.g. {b.image_path} and {a.image_path}: evaluation on training images inflates "
+                "recall. Remove them from one split (mat data check lists them)"
+            )
+
     def setup(self, stage: str) -> None:
         size = self._resolve_image_size()
         if stage == "fit" and self.train_set is None:
@@ -411,8 +478,10 @@ class RetrievalDataModule(L.LightningDataModule):
             log.info("train split %r: %d images", self.splits["fit"], len(records))
         if stage in ("fit", "validate"):
             self.eval_set("validate")
+            self.check_disjoint("validate")
         if stage == "test":
             self.eval_set("test")
+            self.check_disjoint("test")
 
     def _processes(self) -> tuple[int, int]:
         """(world size, global rank) of the attached trainer; (1, 0) without one."""

@@ -18,11 +18,15 @@ Every problem is reported as :class:`~mat_lightning.errors.DataError` naming the
 from __future__ import annotations
 
 import json
+import logging
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from mat_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
 
 Format = Literal["auto", "karpathy", "albef", "clip_benchmark"]
 
@@ -37,6 +41,8 @@ class ImageCaptions:
         image_id: the image's key for augmentation providers: its path relative to ``image_root``.
         split: ``train``/``val``/``test`` (Karpathy's ``restval`` is reported as is) or None when the file has none.
         meta: extra fields of the entry (the synthetic world keeps its ``scene`` here).
+        entries: how many annotation entries were merged into this record (a Karpathy file lists each image once;
+            ALBEF train files list it once per caption).
     """
 
     image_path: Path
@@ -44,6 +50,7 @@ class ImageCaptions:
     image_id: str
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    entries: int = 1
 
 
 def load_json(path: str | Path) -> Any:
@@ -89,18 +96,37 @@ def _clean_captions(raw: Any, where: str) -> list[str]:
     return caps
 
 
+def _string_field(entry: dict, key: str, where: str, required: bool = True) -> str | None:
+    value = entry.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(
+            f"{where}: {key!r} must be a non-empty string, got {type(value).__name__} {str(value)[:40]!r}"
+        )
+    return value
+
+
+def _image_key(rel: str) -> str:
+    """The image's identity in a file: its relative path, normalised (``./a.jpg`` and ``a.jpg`` are one image)."""
+    return posixpath.normpath(rel.replace("\\", "/"))
+
+
 def read_karpathy(path: Path, data: dict, image_root: Path, split: str | None) -> list[ImageCaptions]:
     images = data["images"]
     if not isinstance(images, list):
         raise DataError(f"{path}: 'images' must be a list, got {type(images).__name__}")
-    out = []
+    out: dict[str, ImageCaptions] = {}
+    repeated = 0
     for i, entry in enumerate(images):
         where = f"{path}: images[{i}]"
         if not isinstance(entry, dict):
             raise DataError(f"{where} is a {type(entry).__name__}, expected an object")
         if "filename" not in entry:
             raise DataError(f"{where} has no 'filename' (keys: {sorted(entry)})")
-        entry_split = entry.get("split")
+        _string_field(entry, "filename", where)
+        _string_field(entry, "filepath", where, required=False)
+        entry_split = _string_field(entry, "split", where, required=False)
         if split is not None and entry_split != split and not (split == "train" and entry_split == "restval"):
             continue
         sentences = entry.get("sentences")
@@ -108,22 +134,29 @@ def read_karpathy(path: Path, data: dict, image_root: Path, split: str | None) -
             raise DataError(f"{where} ({entry['filename']}) has no 'sentences'")
         if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
             raise DataError(f"{where} ({entry['filename']}): 'sentences' must be a list of {{'raw': str}}")
-        rel = Path(entry.get("filepath", "")) / entry["filename"]
+        rel = _image_key((Path(entry.get("filepath") or "") / entry["filename"]).as_posix())
         meta = {
             k: v
             for k, v in entry.items()
             if k not in ("filename", "filepath", "split", "sentences", "sentids")
         }
-        out.append(
-            ImageCaptions(
-                image_path=image_root / rel,
-                captions=_clean_captions([s["raw"] for s in sentences], f"{where} ({rel})"),
-                image_id=rel.as_posix(),
-                split=entry_split,
-                meta=meta,
-            )
+        captions = _clean_captions([s["raw"] for s in sentences], f"{where} ({rel})")
+        if rel in out:  # one image listed twice: one image with the captions of both entries
+            if out[rel].split != entry_split:
+                raise DataError(
+                    f"{where}: image {rel} is listed in split {out[rel].split!r} and again in {entry_split!r}; "
+                    "an image must belong to one split (train images in the test split inflate recall)"
+                )
+            out[rel].captions.extend(captions)
+            out[rel].entries += 1
+            repeated += 1
+            continue
+        out[rel] = ImageCaptions(
+            image_path=image_root / rel, captions=captions, image_id=rel, split=entry_split, meta=meta
         )
-    return out
+    if repeated:
+        log.warning("%s: %d repeated image entries merged (their captions joined)", path, repeated)
+    return list(out.values())
 
 
 def read_albef(path: Path, data: list, image_root: Path) -> list[ImageCaptions]:
@@ -133,10 +166,11 @@ def read_albef(path: Path, data: list, image_root: Path) -> list[ImageCaptions]:
         if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
             keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
             raise DataError(f"{where} must have 'image' and 'caption' (got {keys})")
-        rel = str(entry["image"])
+        rel = _image_key(_string_field(entry, "image", where))
         caps = _clean_captions(entry["caption"], f"{where} ({rel})")
         if rel in by_image:
             by_image[rel].captions.extend(caps)
+            by_image[rel].entries += 1
         else:
             by_image[rel] = ImageCaptions(image_path=image_root / rel, captions=caps, image_id=rel)
     return list(by_image.values())
@@ -238,6 +272,40 @@ def read_annotations(
             f"{path}: no images{f' in split {split!r} (splits present: {found})' if split else ''}"
         )
     return records
+
+
+def shared_images(
+    first: list[ImageCaptions], second: list[ImageCaptions]
+) -> list[tuple[ImageCaptions, ImageCaptions]]:
+    """Pairs of records of two splits that are the same image: the same file, or files with the same bytes.
+
+    Only files of equal size are hashed, so checking two large splits costs little more than a ``stat`` per file.
+    """
+    import hashlib
+
+    def size(r: ImageCaptions) -> int:
+        try:
+            return r.image_path.stat().st_size
+        except OSError:
+            return -1
+
+    by_size: dict[int, list[ImageCaptions]] = {}
+    for r in first:
+        by_size.setdefault(size(r), []).append(r)
+    digests: dict[Path, str] = {}
+
+    def digest(r: ImageCaptions) -> str:
+        if r.image_path not in digests:
+            digests[r.image_path] = hashlib.sha256(r.image_path.read_bytes()).hexdigest()
+        return digests[r.image_path]
+
+    pairs = []
+    for r in second:
+        for other in by_size.get(size(r), []) if size(r) >= 0 else []:
+            if other.image_path == r.image_path or digest(other) == digest(r):
+                pairs.append((other, r))
+                break
+    return pairs
 
 
 def check_images_exist(records: list[ImageCaptions], annotation: str | Path, limit: int = 20) -> None:

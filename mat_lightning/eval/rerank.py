@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mat_lightning.eval.retrieval import RetrievalRanks, retrieval_ranks
+from mat_lightning.eval.retrieval import RetrievalRanks, retrieval_ranks, similarity
 
 
 def wants_rerank(encoder: object) -> bool:
@@ -52,7 +52,7 @@ def ranks(
     encoder: object, img: Tensor, txt: Tensor, txt2img: Tensor, pixels: PixelBank | None = None
 ) -> RetrievalRanks:
     """Retrieval ranks of ``img @ txt.T``, re-ranked by the encoder when it asks for it (``pixels`` given)."""
-    sim = img @ txt.T
+    sim = similarity(img, txt)  # float32, also under a bf16 autocast
     if pixels is None or not wants_rerank(encoder):
         return retrieval_ranks(sim, txt2img)
     images, captions = pixels.compute()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mat_lightning.eval.retrieval import recall_at_k
+from mat_lightning.eval.retrieval import recall_at_k, similarity
 from mat_lightning.losses import contrastive_loss
 from mat_lightning.models.encoder import VLEncoder
 
@@ -119,4 +119,4 @@ def clean_recall(
     txt = torch.cat([encoder.encode_text(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)])
     txt2img = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     encoder.train(was_training)
-    return recall_at_k(img @ txt.T, txt2img)
+    return recall_at_k(similarity(img, txt), txt2img)
