@@ -16,7 +16,7 @@ QUIET := --trainer.enable_progress_bar=false --robust_eval.progress=false
 # User values never become shell or Make text. `$(call q,X)` is X's raw text (`value`: no Make expansion) as one
 # single-quoted shell word; recipes read them as shell variables and quote every use. `unexport`: Make would
 # otherwise expand command-line variables (running any `$(shell ...)` in them) to export them to every recipe.
-USER_VARS := VENV NAME ARGS CKPT RUNS OUT SEEDS DEFENSES ABLATIONS BENCH_ROOT RUN_ROOT
+USER_VARS := VENV NAME ARGS CKPT RUNS OUT SEEDS DEFENSES ABLATIONS BENCH_ROOT RUN_ROOT DATA ROOT
 unexport $(USER_VARS)
 q = '$(subst ','\'',$(value $(1)))'
 # Shell prelude of the recipes: user values as shell variables, ARGS split on blanks only (`set -f`: no globbing;
@@ -24,6 +24,7 @@ q = '$(subst ','\'',$(value $(1)))'
 VARS = set -f; venv=$(call q,VENV); name=$(call q,NAME); args=$(call q,ARGS); ckpt=$(call q,CKPT); \
 	runs=$(call q,RUNS); out=$(call q,OUT); seeds=$(call q,SEEDS); defenses=$(call q,DEFENSES); \
 	ablations=$(call q,ABLATIONS); bench_root=$(call q,BENCH_ROOT); run_root=$(call q,RUN_ROOT); extra=($$args); mat="$$venv/bin/mat"; \
+	data=$(call q,DATA); root=$(call q,ROOT); \
 	py="$$venv/bin/python"; \
 	check_name() { \
 	  if [[ ! $$1 =~ ^[A-Za-z0-9_]+$$ ]]; then \
@@ -39,7 +40,7 @@ VARS = set -f; venv=$(call q,VENV); name=$(call q,NAME); args=$(call q,ARGS); ck
 	  done; \
 	};
 
-.PHONY: help install test test-full lint experiment print-config eval seeds table bench benchmark clean
+.PHONY: help install test test-full lint experiment print-config eval seeds table bench benchmark clean grid gpu-check
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -117,6 +118,20 @@ benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations 
 	attacks=(--attacks clean pgd bert_attack sep_attack co_attack sga); \
 	"$$mat" report "$$bench_root" --out "$$bench_root" "$${attacks[@]}"; \
 	"$$mat" report "$$bench_root" --out "$$bench_root/r10" --metrics tr_r10 ir_r10 "$${attacks[@]}"
+
+grid:  ## The paper's grid on DATA=flickr30k|coco (ROOT=<data folder>): every experiments/DATA_*.yaml, then make table
+	@$(VARS) set -e; data=$${data:-flickr30k}; \
+	[[ $$data == flickr30k || $$data == coco ]] || { printf "error: DATA must be flickr30k or coco, got '%s'\n" "$$data" >&2; exit 2; }; \
+	root_arg=(); [[ -z $$root ]] || root_arg=(--data.root="$$root"); \
+	set +f; files=(experiments/"$$data"_*.yaml); set -f; \
+	for f in "$${files[@]}"; do n=$$(basename "$$f" .yaml); \
+	  case "$$n" in *_zeroshot) cmd=robust-eval;; *) cmd=fit;; esac; \
+	  echo "== $$n ($$cmd)" >&2; \
+	  "$$mat" "$$cmd" --config "$$f" "$${root_arg[@]}" $(QUIET) "$${extra[@]}"; \
+	done
+
+gpu-check:  ## GPU readiness (<= 5 min, no downloads): rates per stage, peak memory, projected grid hours
+	@$(VARS) "$$py" -m benchmarks.gpu_check "$${extra[@]}"
 
 bench:  ## Speed/memory benchmarks, reported as ratios measured side by side
 	@$(VARS) "$$py" -m benchmarks.run

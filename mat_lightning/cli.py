@@ -52,6 +52,7 @@ from mat_lightning.faults import (
     resolve_last_checkpoint,
 )
 from mat_lightning.logging import SaveConfigToWandb
+from mat_lightning.models.encoder import LOCAL_MODELS
 from mat_lightning.module import NOT_A_MAT_CHECKPOINT, MatModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +119,13 @@ class MatCLI(LightningCLI):
             default="last",
             help="After fit, test the final weights (last) or the best checkpoint by clean validation recall (best).",
         )
+        parser.add_argument(
+            "--local_models",
+            type=dict[str, str],
+            default={},
+            help="Hub names mapped to local copies, e.g. {bert-base-uncased: /models/bert-base-uncased}: "
+            "every MLM and HF encoder source of the config named on the left loads from the right.",
+        )
         parser.add_lightning_class_args(RobustRetrievalEval, "robust_eval")
         parser.link_arguments("experiment", "robust_eval.experiment")
 
@@ -138,6 +146,8 @@ class MatCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        LOCAL_MODELS.clear()  # before the encoder and the attacks are built
+        LOCAL_MODELS.update(cfg.get("local_models") or {})
         allow_tf32()
         run_dir = cfg.trainer.default_root_dir or agreed_run_dir(Path(cfg.run_root) / cfg.experiment)
         cfg.trainer.default_root_dir = self.run_dir = run_dir
@@ -530,6 +540,7 @@ def _main(argv: list[str], from_command_line: bool) -> None:
             cli = MatCLI(args=argv, alias=alias)
     finally:
         _finish_wandb()
+        LOCAL_MODELS.clear()  # this run's --local_models must not leak into the next run in the same process
     _print_final(cli)
 
 

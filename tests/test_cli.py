@@ -22,7 +22,16 @@ TINY = [
 ]
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+# A parse costs seconds; the paper grid's files share their fragments, so the fast suite parses one of each shape
+# (tests/test_experiment_grid.py parses flickr30k_clip_b16_mat) and the slow suite all of them.
+GRID_FAST = {"flickr30k_clip_b16_zeroshot", "coco_clip_b16_mat_1n"}
+PARSED = [
+    pytest.param(p, marks=pytest.mark.slow) if "_clip_b16_" in p.stem and p.stem not in GRID_FAST else p
+    for p in EXPERIMENTS
+]
+
+
+@pytest.mark.parametrize("experiment", PARSED, ids=lambda p: p.stem)
 def test_every_experiment_parses(experiment, capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(experiment), "--print_config"])

@@ -9,6 +9,7 @@ set is fine: splits the annotations do not have (``--data.annotations='{test: fi
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> None:
     dm.prepare_data()
     console = Console()
     table = Table(title=f"{dm.dataset} ({dm.root or 'synthetic world'})")
-    for col in ("split", "images", "captions", "captions/image", "status"):
+    for col in ("split", "layout", "images", "captions", "captions/image", "status"):
         table.add_column(col)
     problems: list[str] = []
     owners: dict[str, tuple[str, Path]] = {}  # content hash -> (split, first file with that content)
@@ -50,18 +51,22 @@ def main(argv: list[str]) -> None:
     present = 0
     for _stage, split in dm.splits.items():
         if isinstance(dm.annotations, dict) and split not in dm.annotations:
-            table.add_row(split, "-", "-", "-", "absent (no annotation file given)")
+            table.add_row(split, "-", "-", "-", "-", "absent (no annotation file given)")
             continue
+        try:
+            layout = dm.layout(split)
+        except DataError:
+            layout = "-"
         try:
             records = dm.read_split(split)
         except DataError as e:
             if "no images in split" in str(e):
-                table.add_row(split, "-", "-", "-", "absent from the annotations")
+                table.add_row(split, layout, "-", "-", "-", "absent from the annotations")
             elif "are missing" in str(e):
-                table.add_row(split, "-", "-", "-", "[red]images missing")
+                table.add_row(split, layout, "-", "-", "-", "[red]images missing")
                 missing.append((split, str(e)))
             else:
-                table.add_row(split, "-", "-", "-", "[red]error")
+                table.add_row(split, layout, "-", "-", "-", "[red]error")
                 problems.append(str(e))
             continue
         present += 1
@@ -84,10 +89,11 @@ def main(argv: list[str]) -> None:
         bad += copies
         per = [len(r.captions) for r in records]
         status = "[green]ok" if not bad else f"[red]{len(bad)} bad images"
-        table.add_row(split, str(len(records)), str(sum(per)), f"{min(per)}-{max(per)}", status)
+        table.add_row(split, layout, f"{len(records):,}", f"{sum(per):,}", caption_counts(per), status)
         if bad:
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
             problems.append(
-                f"{len(bad)} images of split {split!r} cannot be used, e.g.\n  " + "\n  ".join(bad[:5])
+                f"{len(bad)} images of split {split!r} cannot be used:\n  " + "\n  ".join(bad[:20]) + more
             )
     console.print(table)
     if missing:  # one message: the splits usually share the image folder
@@ -99,6 +105,12 @@ def main(argv: list[str]) -> None:
         problems.append(f"no split of {', '.join(dm.splits.values())} is in the annotations")
     if problems:
         raise DataError("\n".join(problems))
+
+
+def caption_counts(per_image: list[int]) -> str:
+    """``[5, 5, 6]`` -> ``"5 x2, 6 x1"``: how many images have each number of captions (COCO test: ten with 6)."""
+    counts = Counter(per_image)
+    return ", ".join(f"{n} x{counts[n]:,}" for n in sorted(counts))
 
 
 def _content_duplicates(records, split: str, owners: dict[str, tuple[str, Path]]) -> list[str]:

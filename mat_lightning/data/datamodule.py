@@ -42,6 +42,29 @@ from mat_lightning.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 DEFAULT_ANNOTATIONS = {"flickr30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
+# The file names each layout uses inside a data set's folder, tried in this order when data.annotations is not set:
+# Karpathy's one file; ALBEF/SGA's one file per split; CLIP_benchmark's one file per split.
+LAYOUT_FILES = {
+    "karpathy": "dataset_{dataset}.json",
+    "albef": "{dataset}_{split}.json",
+    "clip_benchmark": {"flickr30k": "flickr30k_{split}_karpathy.txt", "coco": "coco_{split}_karpathy.json"},
+}
+
+
+def find_annotation_file(root: Path, dataset: str, split: str) -> tuple[str, Path]:
+    """(layout, file) of ``split`` of a Flickr30K/COCO folder: the first layout whose file exists."""
+    tried = []
+    for layout, pattern in LAYOUT_FILES.items():
+        if isinstance(pattern, dict):
+            pattern = pattern[dataset]
+        path = root / pattern.format(dataset=dataset, split=split)
+        if path.is_file():
+            return layout, path
+        tried.append(path.name)
+    raise DataError(
+        f"no annotation file for split {split!r} of {dataset} in {root}: looked for {', '.join(tried)} "
+        "(Karpathy, ALBEF/SGA and CLIP_benchmark layouts). Put one there or pass --data.annotations=<file>."
+    )
 
 
 @dataclass
@@ -66,6 +89,10 @@ class RetrievalBatch:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def pin_memory(self) -> RetrievalBatch:
+        """Called by the DataLoader with ``pin_memory=True`` (custom batch types must pin themselves)."""
+        return RetrievalBatch(self.images.pin_memory(), self.captions, self.txt2img, self.image_ids)
 
 
 TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -246,7 +273,9 @@ class RetrievalDataModule(L.LightningDataModule):
         max_eval_images: evaluate on the first N images of val/test only (a quick look; full splits otherwise).
         image_size: side in pixels; default: the encoder's ``image_size`` (read at ``setup``).
         preload: decode all images into memory at setup (default: on for the synthetic world).
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers; images are decoded and resized in them (8 or more feed a GPU).
+        pin_memory: page-locked batches for faster host-to-GPU copies; default: on when CUDA is available.
+        persistent_workers: keep the workers alive between epochs and evaluations (only with ``num_workers > 0``).
         one_to_many: MAT+'s 1:N augmentation of training pairs (extra captions from EDA, LM rewrites and I2T files;
             generated images and image augmentation), see :class:`~mat_lightning.data.augment.pairs.OneToMany`.
             None: train on the ground-truth pairs only. Used for the train split only.
@@ -270,6 +299,8 @@ class RetrievalDataModule(L.LightningDataModule):
         image_size: int | None = None,
         preload: bool | None = None,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
         one_to_many: OneToMany | None = None,
     ) -> None:
         super().__init__()
@@ -296,6 +327,8 @@ class RetrievalDataModule(L.LightningDataModule):
         self.batch_size, self.captions_per_image = batch_size, captions_per_image
         self.eval_batch_size, self.max_eval_images = eval_batch_size, max_eval_images
         self.image_size, self.num_workers = image_size, num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
         self.preload = dataset == "synthetic" if preload is None else preload
         self.records: dict[str, list[ImageCaptions]] = {}
         self._split_files: dict[Path, str] = {}
@@ -327,15 +360,33 @@ class RetrievalDataModule(L.LightningDataModule):
             return Path(self.annotations)
         if self.dataset not in DEFAULT_ANNOTATIONS:
             raise ConfigError("data.dataset=custom needs --data.annotations=<file or {split: file}>")
-        return Path(self.root) / DEFAULT_ANNOTATIONS[self.dataset]
+        return find_annotation_file(Path(self.root), self.dataset, split)[1]
+
+    def layout(self, split: str) -> str:
+        """The annotation layout of ``split`` (``karpathy``, ``albef``, ``clip_benchmark``; ``synthetic``)."""
+        if self.dataset == "synthetic":
+            return "karpathy (synthetic world)"
+        if self.annotations is None and self.dataset in DEFAULT_ANNOTATIONS:
+            return find_annotation_file(Path(self.root), self.dataset, split)[0]
+        path = self.annotation_file(split)
+        if path.suffix == ".txt":
+            return "clip_benchmark"
+        from mat_lightning.data.formats import detect_format, load_json
+
+        return detect_format(load_json(path), path)
 
     def _image_roots(self, annotation: Path) -> list[Path]:
         """Folders the image paths may be relative to, most likely first."""
         if self.image_root is not None:
             return [Path(self.image_root)]
         base = Path(self.root) if self.root is not None else annotation.parent
-        # Karpathy's Flickr30K file names carry no folder; the images usually sit in flickr30k-images/.
-        return [base, base / "flickr30k-images"] if self.dataset == "flickr30k" else [base]
+        # Karpathy's Flickr30K file names carry no folder; the images usually sit in flickr30k-images/. CLIP_benchmark's
+        # COCO file names carry none either: they sit in val2014/ (train2014/ for train).
+        if self.dataset == "flickr30k":
+            return [base, base / "flickr30k-images"]
+        if self.dataset == "coco":
+            return [base, base / "val2014", base / "train2014"]
+        return [base]
 
     def read_split(self, split: str) -> list[ImageCaptions]:
         """Records of one split (cached); raises DataError when a file or image is missing."""
@@ -458,7 +509,8 @@ class RetrievalDataModule(L.LightningDataModule):
             drop_last=shuffle and len(sampler) > batch_size,
             num_workers=self.num_workers,
             collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

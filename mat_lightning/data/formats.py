@@ -1,10 +1,15 @@
-"""Readers for the two annotation layouts of the field, into one record type.
+"""Readers for the three annotation layouts of the field, into one record type.
 
 * **Karpathy** (``dataset_flickr30k.json``, ``dataset_coco.json``, and our synthetic world):
   ``{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}, ...], ...}]}``.
 * **ALBEF/SGA** (``flickr30k_test.json``, ``coco_test.json``, ``*_train.json``): a list of
   ``{"image": "<relative path>", "caption": [str, ...] | str}``. The train files have one caption per entry and repeat
   the image; entries of the same image are merged, in file order.
+* **CLIP_benchmark** (LAION-AI/CLIP_benchmark, files from ``mehdidc/retrieval_annotations`` release 1.0.0), one file
+  per split: ``flickr30k_<split>_karpathy.txt``, a header line then one ``<image>.jpg,<caption>`` row per caption
+  (the caption may hold commas: a row splits at the first ``.jpg,``, as CLIP_benchmark's ``flickr.py`` does); and
+  ``coco_<split>_karpathy.json`` in COCO-captions format, ``{"images": [{"id", "file_name"}], "annotations":
+  [{"image_id", "caption"}]}``, with ``file_name`` relative to ``val2014/`` (``train2014/`` for train).
 
 Every problem is reported as :class:`~mat_lightning.errors.DataError` naming the file and the entry, never as a
 ``KeyError`` from deep inside a loop.
@@ -23,7 +28,7 @@ from mat_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Format = Literal["auto", "karpathy", "albef"]
+Format = Literal["auto", "karpathy", "albef", "clip_benchmark"]
 
 
 @dataclass
@@ -66,7 +71,9 @@ def load_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not UTF-8 text ({e}); is this really the annotation JSON?") from None
 
 
-def detect_format(data: Any, path: Path) -> Literal["karpathy", "albef"]:
+def detect_format(data: Any, path: Path) -> Literal["karpathy", "albef", "clip_benchmark"]:
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        return "clip_benchmark"  # COCO-captions format (CLIP_benchmark's coco_<split>_karpathy.json)
     if isinstance(data, dict) and "images" in data:
         return "karpathy"
     if isinstance(data, list):
@@ -169,6 +176,51 @@ def read_albef(path: Path, data: list, image_root: Path) -> list[ImageCaptions]:
     return list(by_image.values())
 
 
+def read_clip_benchmark_flickr(path: Path, image_root: Path) -> list[ImageCaptions]:
+    """CLIP_benchmark's ``flickr30k_<split>_karpathy.txt``: header, then ``<image>.jpg,<caption>`` per caption."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); is this really the annotation file?") from None
+    by_image: dict[str, ImageCaptions] = {}
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        image, sep, caption = line.strip().partition(".jpg,")
+        if not sep:
+            raise DataError(
+                f"{path}: line {n} is not '<image>.jpg,<caption>' (got {line[:60]!r}). CLIP_benchmark's Flickr "
+                "files have a header line, then one row per caption."
+            )
+        rel = image + ".jpg"
+        caps = _clean_captions(caption.strip().strip('"'), f"{path}: line {n} ({rel})")
+        if rel in by_image:
+            by_image[rel].captions.extend(caps)
+        else:
+            by_image[rel] = ImageCaptions(image_path=image_root / rel, captions=caps, image_id=rel)
+    return list(by_image.values())
+
+
+def read_coco_captions(path: Path, data: dict, image_root: Path) -> list[ImageCaptions]:
+    """COCO-captions format (CLIP_benchmark's ``coco_<split>_karpathy.json``), images in file order."""
+    images, annotations = data["images"], data["annotations"]
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise DataError(f"{path}: 'images' and 'annotations' must be lists (COCO-captions format)")
+    captions: dict[Any, list[str]] = {}
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            raise DataError(f"{path}: annotations[{i}] must have 'image_id' and 'caption'")
+        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    out = []
+    for i, entry in enumerate(images):
+        if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
+            raise DataError(f"{path}: images[{i}] must have 'id' and 'file_name'")
+        rel = str(entry["file_name"])
+        caps = _clean_captions(captions.get(entry["id"], []), f"{path}: images[{i}] ({rel})")
+        out.append(ImageCaptions(image_path=image_root / rel, captions=caps, image_id=rel))
+    return out
+
+
 def read_annotations(
     path: str | Path,
     image_root: str | Path | None = None,
@@ -188,10 +240,21 @@ def read_annotations(
         DataError: missing or malformed file, an entry without image or captions.
     """
     path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    if path.suffix == ".txt":  # CLIP_benchmark's Flickr CSV, the one non-JSON layout
+        if not path.is_file():
+            raise DataError(f"annotation file not found: {path} (check the path)")
+        records = read_clip_benchmark_flickr(path, root)
+        if not records:
+            raise DataError(f"{path}: no images (only a header line?)")
+        return records
     data = load_json(path)
     fmt = detect_format(data, path) if format == "auto" else format
-    root = Path(image_root) if image_root is not None else path.parent
-    if fmt == "karpathy":
+    if fmt == "clip_benchmark":
+        if not isinstance(data, dict) or "annotations" not in data:
+            raise DataError(f'{path}: format=clip_benchmark needs {{"images": [...], "annotations": [...]}}')
+        records = read_coco_captions(path, data, root)
+    elif fmt == "karpathy":
         if not isinstance(data, dict) or "images" not in data:
             raise DataError(f'{path}: format=karpathy needs a top-level {{"images": [...]}}')
         records = read_karpathy(path, data, root, split)
@@ -199,7 +262,7 @@ def read_annotations(
         if not isinstance(data, list):
             raise DataError(f"{path}: format=albef needs a top-level list of entries")
         records = read_albef(path, data, root)
-    if not records:
+    if not records and fmt != "clip_benchmark":
         found = (
             sorted({e.get("split") for e in data["images"] if isinstance(e, dict)})
             if fmt == "karpathy"
@@ -245,12 +308,13 @@ def shared_images(
     return pairs
 
 
-def check_images_exist(records: list[ImageCaptions], annotation: str | Path, limit: int = 5) -> None:
-    """Raise one DataError listing the first missing image files."""
+def check_images_exist(records: list[ImageCaptions], annotation: str | Path, limit: int = 20) -> None:
+    """Raise one DataError listing the first ``limit`` missing image files by name, then how many more."""
     missing = [r.image_path for r in records if not r.image_path.is_file()]
     if missing:
         shown = "\n  ".join(str(p) for p in missing[:limit])
+        more = f"\n  ... and {len(missing) - limit} more" if len(missing) > limit else ""
         raise DataError(
-            f"{len(missing)} of {len(records)} images listed in {annotation} are missing, e.g.\n  {shown}\n"
+            f"{len(missing)} of {len(records)} images listed in {annotation} are missing:\n  {shown}{more}\n"
             "Check --data.image_root (the folder the annotation's image paths are relative to)."
         )

@@ -40,16 +40,11 @@ from mat_lightning.attacks.base import Attack
 from mat_lightning.attacks.objectives import Gallery
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import ConfigError
+from mat_lightning.eval import rerank
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.report import atomic_write, write_results
-from mat_lightning.eval.retrieval import (
-    RetrievalRanks,
-    attack_success,
-    recall_from_ranks,
-    retrieval_ranks,
-    similarity,
-)
-from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_from_ranks
+from mat_lightning.models.encoder import VLEncoder, encoder_device
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +62,7 @@ def _encode_split(
     export: Path | None = None,
 ) -> tuple[RetrievalRanks, float, Gallery]:
     bank = EmbeddingBank()
+    pixels = rerank.PixelBank() if rerank.wants_rerank(encoder) else None  # fusion models re-rank with pixels
     t0 = time.perf_counter()
     exported: list[dict] = []
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -82,12 +78,15 @@ def _encode_split(
             bank.add(
                 encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img
             )
+        if pixels is not None:
+            pixels.add(images, batch.image_ids, captions, batch.txt2img)
     img, txt, txt2img, ids = bank.compute()
+    ranks = rerank.ranks(encoder, img, txt, txt2img, pixels)  # fusion models: ITM re-ranking of the top-k
     seconds = time.perf_counter() - t0  # after the gather: the wall time of the whole split on all ranks
     if export is not None:
         _write_export_index(export, exported)
     gallery = Gallery(img, ids, txt, ids[txt2img])
-    return retrieval_ranks(similarity(img, txt), txt2img), seconds, gallery
+    return ranks, seconds, gallery
 
 
 def _write_export_index(folder: Path, entries: list[dict]) -> None:
@@ -151,19 +150,21 @@ def robust_retrieval(
         Rows ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_*", "asr_flip_*", "seconds"}``: first
         ``clean``, then per attack its configured budget, then the other budgets of the grid.
     """
-    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    device = torch.device(device) if device is not None else encoder_device(encoder)
     if torch.is_inference_mode_enabled():
         raise ConfigError("robust evaluation needs autograd: call it outside torch.inference_mode()")
     check_distinct_names(attacks)
     check_budgets(attacks, eps_255_grid)
-    was_training = encoder.training
-    encoder.eval()
+    was_training = getattr(encoder, "training", None)  # None: a duck-typed encoder without modes
+    if was_training is not None:
+        encoder.train(False)
     try:
         return _robust_rows(
             encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir, on_row, on_gallery
         )
     finally:
-        encoder.train(was_training)
+        if was_training is not None:
+            encoder.train(was_training)
 
 
 def check_distinct_names(attacks: Sequence[Attack]) -> None:
