@@ -2,89 +2,139 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 VENV ?= .venv
-PY := $(VENV)/bin/python
-MAT := $(VENV)/bin/mat
 NAME ?= smoke
 ARGS ?=
-CFG = experiments/$(NAME).yaml
+SEEDS ?= 0 1 2
+DEFENSES ?= clean image_at tecoa fare text_at mmcoa mat mat_1n
+ABLATIONS ?= eda rewrite i2t t2i image_aug all
+BENCH_ROOT ?= runs/benchmark
+RUN_ROOT ?= runs
 # Tests never touch the network or a W&B account.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
+QUIET := --trainer.enable_progress_bar=false --robust_eval.progress=false
 
-.PHONY: help install test test-full lint experiment print-config eval seeds table bench benchmark clean check-name
+# User values never become shell or Make text. `$(call q,X)` is X's raw text (`value`: no Make expansion) as one
+# single-quoted shell word; recipes read them as shell variables and quote every use. `unexport`: Make would
+# otherwise expand command-line variables (running any `$(shell ...)` in them) to export them to every recipe.
+USER_VARS := VENV NAME ARGS CKPT RUNS OUT SEEDS DEFENSES ABLATIONS BENCH_ROOT RUN_ROOT DATA ROOT
+unexport $(USER_VARS)
+q = '$(subst ','\'',$(value $(1)))'
+# Shell prelude of the recipes: user values as shell variables, ARGS split on blanks only (`set -f`: no globbing;
+# a split word is never re-parsed, so `;`, `$(...)` and backticks in it are plain characters), and check_name.
+VARS = set -f; venv=$(call q,VENV); name=$(call q,NAME); args=$(call q,ARGS); ckpt=$(call q,CKPT); \
+	runs=$(call q,RUNS); out=$(call q,OUT); seeds=$(call q,SEEDS); defenses=$(call q,DEFENSES); \
+	ablations=$(call q,ABLATIONS); bench_root=$(call q,BENCH_ROOT); run_root=$(call q,RUN_ROOT); extra=($$args); mat="$$venv/bin/mat"; \
+	data=$(call q,DATA); root=$(call q,ROOT); \
+	py="$$venv/bin/python"; \
+	check_name() { \
+	  if [[ ! $$1 =~ ^[A-Za-z0-9_]+$$ ]]; then \
+	    printf "error: %s='%s' is not an experiment name (letters, digits and _ only)\n" "$$2" "$$1" >&2; exit 2; \
+	  elif [[ ! -f experiments/$$1.yaml ]]; then \
+	    printf "error: no experiment '%s': experiments/%s.yaml does not exist. Known: %s\n" "$$1" "$$1" \
+	      "$$(ls experiments | sed -n 's/\.yaml$$//p' | tr '\n' ' ')" >&2; exit 2; \
+	  fi; \
+	}; \
+	check_seeds() { \
+	  for s in $$seeds; do \
+	    [[ $$s =~ ^[0-9]+$$ ]] || { printf "error: SEEDS must be integers, got '%s'\n" "$$s" >&2; exit 2; }; \
+	  done; \
+	};
+
+.PHONY: help install test test-full lint experiment print-config eval seeds table bench benchmark clean grid gpu-check
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n",$$1,$$2}'
 
 install:  ## Create .venv and install the package, dev tools and the optional adapters
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e '.[dev,adapters]'
-	@# torchattacks pins requests~=2.25.1 in its metadata; at run time it needs only torch.
-	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
-	@echo "installed: activate with 'source $(VENV)/bin/activate' or use 'make ...'"
+	@$(VARS) set -e; \
+	python3 -m venv "$$venv"; \
+	"$$py" -m pip install --upgrade --quiet pip; \
+	"$$py" -m pip install --quiet -e '.[dev,adapters]'; \
+	: torchattacks pins requests~=2.25.1 in its metadata, at run time it needs only torch; \
+	"$$py" -m pip install --quiet --no-deps torchattacks==3.5.1; \
+	printf "installed: activate with 'source %s/bin/activate' or use 'make ...'\n" "$$venv"
 
 test:  ## Fast offline test suite (excludes @slow)
-	$(TEST_ENV) $(PY) -m pytest -m "not slow" -q
+	@$(VARS) $(TEST_ENV) "$$py" -m pytest -m "not slow" -q
 
 test-full:  ## All tests, including the slow ones (full smoke runs)
-	$(TEST_ENV) $(PY) -m pytest -q
+	@$(VARS) $(TEST_ENV) "$$py" -m pytest -q
 
 lint:  ## ruff format check + lint
-	$(VENV)/bin/ruff format --check mat_lightning tests benchmarks
-	$(VENV)/bin/ruff check mat_lightning tests benchmarks
+	@$(VARS) "$$venv/bin/ruff" format --check mat_lightning tests benchmarks && \
+	"$$venv/bin/ruff" check mat_lightning tests benchmarks
 
-check-name:
-	@test -f $(CFG) || { echo "error: no experiment '$(NAME)': $(CFG) does not exist. Known: $$(ls experiments/*.yaml | xargs -n1 basename | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
+experiment:  ## Run experiments/NAME.yaml: make experiment NAME=smoke ARGS="--model.lr=1e-4"
+	@$(VARS) check_name "$$name" NAME; \
+	"$$mat" fit --config "experiments/$$name.yaml" --experiment="$$name" "$${extra[@]}"
 
-experiment: check-name  ## Run experiments/NAME.yaml: make experiment NAME=smoke ARGS="--model.lr=1e-4"
-	$(MAT) fit --config $(CFG) --experiment=$(NAME) $(ARGS)
+print-config:  ## Print the fully resolved config of NAME (a valid config: make print-config NAME=x > x.yaml)
+	@$(VARS) check_name "$$name" NAME; \
+	"$$mat" fit --config "experiments/$$name.yaml" --experiment="$$name" "$${extra[@]}" --print_config
 
-print-config: check-name  ## Print the fully resolved config of NAME (a valid config: make print-config NAME=x > x.yaml)
-	@$(MAT) fit --config $(CFG) --experiment=$(NAME) $(ARGS) --print_config
+eval:  ## Robust evaluation of a checkpoint: make eval NAME=smoke CKPT=runs/.../last.ckpt (or CKPT=last)
+	@$(VARS) check_name "$$name" NAME; ckpt_arg=(); \
+	if [[ $$ckpt == last ]]; then \
+	  ckpt=$$(find "runs/$$name" -path '*/checkpoints/last.ckpt' -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-); \
+	  [[ -n $$ckpt ]] || { printf "error: CKPT=last: no runs/%s/*/checkpoints/last.ckpt\n" "$$name" >&2; exit 2; }; \
+	fi; \
+	if [[ -n $$ckpt ]]; then \
+	  if [[ ! -f $$ckpt ]]; then \
+	    printf "error: CKPT='%s': no such file (give a checkpoint file, or CKPT=last)\n" "$$ckpt" >&2; exit 2; \
+	  fi; \
+	  ckpt_arg=(--ckpt_path="$$ckpt"); \
+	fi; \
+	"$$mat" robust-eval --config "experiments/$$name.yaml" --experiment="$$name-eval" "$${ckpt_arg[@]}" "$${extra[@]}"
 
-eval: check-name  ## Robust evaluation of a checkpoint: make eval NAME=smoke CKPT=runs/.../last.ckpt
-	$(MAT) robust-eval --config $(CFG) --experiment=$(NAME)-eval $(if $(CKPT),--ckpt_path=$(CKPT)) $(ARGS)
+seeds:  ## Run NAME once per seed: make seeds NAME=smoke SEEDS="0 1 2", then make table (mean ± std)
+	@$(VARS) set -e; check_name "$$name" NAME; check_seeds; \
+	for s in $$seeds; do \
+	  echo "== $$name seed $$s" >&2; \
+	  "$$mat" fit --config "experiments/$$name.yaml" --experiment="$$name" --seed_everything="$$s" \
+	    --run_root="$$run_root" "$${extra[@]}"; \
+	done
 
 table:  ## Paper-style table of all runs under runs/ (or RUNS="dir ...")
-	$(MAT) report $(or $(RUNS),runs) --out $(or $(OUT),runs)
-
-SEEDS ?= 0 1 2
-RUN_ROOT ?= runs
-
-# Values reach the recipe through the environment, never pasted into shell code.
-seeds: export MAT_NAME = $(NAME)
-seeds: export MAT_SEEDS = $(SEEDS)
-seeds: export MAT_ARGS = $(ARGS)
-seeds: export MAT_RUN_ROOT = $(RUN_ROOT)
-seeds: check-name  ## Run NAME once per seed: make seeds NAME=smoke SEEDS="0 1 2", then make table (mean ± std)
-	@set -e; for s in $$MAT_SEEDS; do \
-	  case "$$s" in ''|*[!0-9]*) echo "error: SEEDS must be integers, got '$$s'" >&2; exit 2;; esac; \
-	done; \
-	for s in $$MAT_SEEDS; do \
-	  echo "== $$MAT_NAME seed $$s" >&2; \
-	  $(MAT) fit --config "experiments/$$MAT_NAME.yaml" --experiment="$$MAT_NAME" --seed_everything="$$s" \
-	    --run_root="$$MAT_RUN_ROOT" $$MAT_ARGS; \
-	done
-DEFENSES ?= clean image_at tecoa fare text_at mmcoa mat mat_1n
-ABLATIONS ?= eda rewrite i2t t2i image_aug all
-BENCH_ROOT ?= runs/benchmark
-QUIET := --trainer.enable_progress_bar=false --robust_eval.progress=false
+	@$(VARS) runs_list=($${runs:-runs}); \
+	"$$mat" report "$${runs_list[@]}" --out "$${out:-runs}"
 
 benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations x 1 seed, then the table
-	@set -e; start=$$(date +%s); \
-	for d in $(DEFENSES); do \
-	  $(MAKE) -s seeds NAME=synthetic_$$d SEEDS="$(SEEDS)" RUN_ROOT=$(BENCH_ROOT) ARGS="$(QUIET) $(ARGS)" VENV=$(VENV) > /dev/null; \
-	done; \
-	for a in $(ABLATIONS); do \
+	@$(VARS) set -e; \
+	for d in $$defenses; do check_name "synthetic_$$d" DEFENSES; done; \
+	for a in $$ablations; do check_name "synthetic_mat_1n_$$a" ABLATIONS; done; \
+	check_seeds; \
+	start=$$(date +%s); \
+	for d in $$defenses; do for s in $$seeds; do \
+	  echo "== synthetic_$$d seed $$s"; \
+	  "$$mat" fit --config "experiments/synthetic_$$d.yaml" --seed_everything="$$s" --run_root="$$bench_root" \
+	    $(QUIET) "$${extra[@]}" > /dev/null; \
+	done; done; \
+	for a in $$ablations; do \
 	  echo "== synthetic_mat_1n_$$a seed 0"; \
-	  $(MAT) fit --config experiments/synthetic_mat_1n_$$a.yaml --seed_everything=0 --run_root=$(BENCH_ROOT) $(QUIET) $(ARGS) > /dev/null; \
+	  "$$mat" fit --config "experiments/synthetic_mat_1n_$$a.yaml" --seed_everything=0 --run_root="$$bench_root" \
+	    $(QUIET) "$${extra[@]}" > /dev/null; \
 	done; \
-	echo "benchmark wall time: $$(( ($$(date +%s) - start) / 60 )) min"
-	$(MAT) report $(BENCH_ROOT) --out $(BENCH_ROOT) --attacks clean pgd bert_attack sep_attack co_attack sga
-	$(MAT) report $(BENCH_ROOT) --out $(BENCH_ROOT)/r10 --metrics tr_r10 ir_r10 --attacks clean pgd bert_attack sep_attack co_attack sga
+	echo "benchmark wall time: $$(( ($$(date +%s) - start) / 60 )) min"; \
+	attacks=(--attacks clean pgd bert_attack sep_attack co_attack sga); \
+	"$$mat" report "$$bench_root" --out "$$bench_root" "$${attacks[@]}"; \
+	"$$mat" report "$$bench_root" --out "$$bench_root/r10" --metrics tr_r10 ir_r10 "$${attacks[@]}"
+
+grid:  ## The paper's grid on DATA=flickr30k|coco (ROOT=<data folder>): every experiments/DATA_*.yaml, then make table
+	@$(VARS) set -e; data=$${data:-flickr30k}; \
+	[[ $$data == flickr30k || $$data == coco ]] || { printf "error: DATA must be flickr30k or coco, got '%s'\n" "$$data" >&2; exit 2; }; \
+	root_arg=(); [[ -z $$root ]] || root_arg=(--data.root="$$root"); \
+	set +f; files=(experiments/"$$data"_*.yaml); set -f; \
+	for f in "$${files[@]}"; do n=$$(basename "$$f" .yaml); \
+	  case "$$n" in *_zeroshot) cmd=robust-eval;; *) cmd=fit;; esac; \
+	  echo "== $$n ($$cmd)" >&2; \
+	  "$$mat" "$$cmd" --config "$$f" "$${root_arg[@]}" $(QUIET) "$${extra[@]}"; \
+	done
+
+gpu-check:  ## GPU readiness (<= 5 min, no downloads): rates per stage, peak memory, projected grid hours
+	@$(VARS) "$$py" -m benchmarks.gpu_check "$${extra[@]}"
 
 bench:  ## Speed/memory benchmarks, reported as ratios measured side by side
-	$(PY) -m benchmarks.run
+	@$(VARS) "$$py" -m benchmarks.run
 
 clean:  ## Remove run outputs (keeps .venv and the synthetic-world cache)
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     encoder = OpenClipEncoder("mat-tiny", pretrained=str(world.ensure_clip(args.preset))).eval()
     if args.ckpt:
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(args.ckpt, map_location="cpu", weights_only=True)["state_dict"]
         encoder.load_state_dict(
             {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
         )

@@ -15,8 +15,10 @@ imports no training stack and hands the rest to :func:`main` here.
 ``<run_root>/<experiment>/<timestamp>/``, holding ``config.yaml``, ``checkpoints/``, ``results.*``, ``curves.png``
 and the W&B files; the saved ``config.yaml`` re-runs into a new folder. A command that evaluated prints one results
 table last (wrapped to the terminal width, full metric names), then only the run folder; Lightning's metric table,
-W&B's summary and known third-party warnings are off. User errors (:class:`~mat_lightning.errors.MatError`) print
-one message and exit with status 2.
+W&B's summary and known third-party warnings are off. User errors (:class:`~mat_lightning.errors.MatError`, also when
+jsonargparse or Lightning wrapped it, and Lightning's ``MisconfigurationException``) print one ``error:`` line and
+exit with status 2; SIGINT exits 130 and SIGTERM 143, after ``fit`` saved ``checkpoints/interrupted.ckpt``
+(:mod:`mat_lightning.faults`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -32,13 +36,23 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.errors import ConfigError, MatError
 from mat_lightning.eval.robust import RobustRetrievalEval
+from mat_lightning.faults import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    Interruption,
+    ResumableFit,
+    install_sigterm_handler,
+    interruption_message,
+    resolve_last_checkpoint,
+)
 from mat_lightning.logging import SaveConfigToWandb
+from mat_lightning.models.encoder import LOCAL_MODELS
 from mat_lightning.module import NOT_A_MAT_CHECKPOINT, MatModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +60,25 @@ BASE_CONFIG = REPO_ROOT / "conf" / "base.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+class MatArgumentParser(LightningArgumentParser):
+    """A parse error is one line (plus where to find the options), not 80 lines of usage above it."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        print(f"error: {message.strip()}\n(options: {prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 class MatCLI(LightningCLI):
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+    def __init__(self, args: list[str] | None = None, run: bool = True, alias: str | None = None) -> None:
+        self.alias = alias  # the subcommand the user typed (robust-eval and eval run as test)
         self.run_dir: str | None = None  # set once the config is parsed
         self.started = time.time()
-        sub_kwargs = {"parser_mode": "omegaconf"}
+        # allow_abbrev=False: --trainer.max_epoch=3 is an error, not max_epochs by prefix matching
+        sub_kwargs = {"parser_mode": "omegaconf", "allow_abbrev": False}
         if BASE_CONFIG.is_file():
             sub_kwargs["default_config_files"] = [str(BASE_CONFIG)]
         super().__init__(
@@ -61,10 +89,12 @@ class MatCLI(LightningCLI):
             # Attacks need autograd at validate/test time (Lightning issues #14497, #17653): not only a YAML default.
             trainer_defaults={"inference_mode": False},
             parser_kwargs={
-                "parser_mode": "omegaconf",
                 "prog": "mat",
+                "parser_mode": "omegaconf",
+                "allow_abbrev": False,
                 **{s: dict(sub_kwargs) for s in SUBCOMMANDS},
             },
+            parser_class=MatArgumentParser,
             auto_configure_optimizers=False,
             args=args,
             run=run,
@@ -89,13 +119,35 @@ class MatCLI(LightningCLI):
             default="last",
             help="After fit, test the final weights (last) or the best checkpoint by clean validation recall (best).",
         )
+        parser.add_argument(
+            "--local_models",
+            type=dict[str, str],
+            default={},
+            help="Hub names mapped to local copies, e.g. {bert-base-uncased: /models/bert-base-uncased}: "
+            "every MLM and HF encoder source of the config named on the left loads from the right.",
+        )
         parser.add_lightning_class_args(RobustRetrievalEval, "robust_eval")
         parser.link_arguments("experiment", "robust_eval.experiment")
 
     # -- one folder per run -------------------------------------------------------------------------------------------
 
+    def _parse_ckpt_path(self) -> None:
+        """Check the run name and the checkpoint first: LightningCLI reads the checkpoint's hyperparameters here,
+        with a bare ``torch.load`` (a traceback for a bad file) and before any of the hooks below."""
+        if self.config.get("subcommand"):
+            cfg = self.config[self.config.subcommand]
+            validate_experiment_name(cfg.experiment)
+            if cfg.get("ckpt_path") == "last":
+                cfg.ckpt_path = resolve_last_checkpoint(cfg.run_root, cfg.experiment)
+                rank_zero_info(f"--ckpt_path=last: {cfg.ckpt_path}")
+            if cfg.get("ckpt_path") not in (None, "best", "hpc", "registry"):
+                check_checkpoint(cfg.ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        LOCAL_MODELS.clear()  # before the encoder and the attacks are built
+        LOCAL_MODELS.update(cfg.get("local_models") or {})
         allow_tf32()
         run_dir = cfg.trainer.default_root_dir or agreed_run_dir(Path(cfg.run_root) / cfg.experiment)
         cfg.trainer.default_root_dir = self.run_dir = run_dir
@@ -120,9 +172,36 @@ class MatCLI(LightningCLI):
                 and cb.init_args.get("dirpath") is None
             ):
                 cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")
-        if cfg.get("ckpt_path") not in (None, "best", "last", "hpc", "registry"):
-            check_checkpoint(cfg.ckpt_path)
         rank_zero_info(f"run folder: {run_dir}")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(ResumableFit())
+        return trainer
+
+    # -- before Lightning loads a checkpoint, and what results.json says was tested -----------------------------------
+
+    def _before_run(self) -> None:
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt not in (None, "best", "hpc", "registry"):
+            check_checkpoint_fits(self.model, ckpt)
+        evaluator = next((c for c in self.trainer.callbacks if isinstance(c, RobustRetrievalEval)), None)
+        if evaluator is not None:
+            evaluator.subcommand = self.alias or self.subcommand
+            if self.subcommand == "fit":
+                evaluator.resumed_from = ckpt
+            elif ckpt is not None:
+                evaluator.weights = ckpt
+
+    def before_fit(self) -> None:
+        self._before_run()
+
+    def before_validate(self) -> None:
+        self._before_run()
+
+    def before_test(self) -> None:
+        self._before_run()
 
     def after_fit(self) -> None:
         """Test (with the robust evaluation) the final weights, or the best checkpoint with --test_ckpt=best.
@@ -132,6 +211,7 @@ class MatCLI(LightningCLI):
         """
         cfg = self.config[self.subcommand]
         ckpt_path = None  # the weights as training left them
+        weights = "final"
         if cfg.test_ckpt == "best":
             callback = self.trainer.checkpoint_callback
             ckpt_path = getattr(callback, "best_model_path", "") or None
@@ -139,6 +219,11 @@ class MatCLI(LightningCLI):
                 rank_zero_warn(
                     "--test_ckpt=best but no best checkpoint was recorded: testing the final weights"
                 )
+            else:
+                weights = "best"
+        evaluator = next((c for c in self.trainer.callbacks if isinstance(c, RobustRetrievalEval)), None)
+        if evaluator is not None:
+            evaluator.weights = weights
         # verbose=False: the command prints one results table at its end instead of one line per logged scalar
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
 
@@ -158,18 +243,69 @@ def _quiet_lightning(cfg) -> None:
         cfg.verbose = False
 
 
-def check_checkpoint(path: str) -> None:
-    """Fail early, with a message, on a --ckpt_path that is missing or not a Lightning checkpoint."""
-    import torch
+def validate_experiment_name(name: object) -> None:
+    """An experiment names the folder ``<run_root>/<experiment>/``: no path separators, no ``..``, no leading dot."""
+    if not isinstance(name, str) or not re.fullmatch(r"\w[\w.-]*", name) or ".." in name:
+        raise ConfigError(
+            f"--experiment={name!r} is not a run name: use letters, digits, '_', '-' and '.' (not first, no '..'); "
+            "it names the folder <run_root>/<experiment>/ and must stay inside it"
+        )
 
+
+def load_user_checkpoint(path: str) -> dict:
+    """``torch.load`` a user's --ckpt_path safely (``weights_only``: no code runs), as a dict with a state dict."""
     if not Path(path).is_file():
         raise ConfigError(f"--ckpt_path {path}: no such file")
+    if Path(path).stat().st_size == 0:
+        raise ConfigError(f"--ckpt_path {path} is an empty file (an interrupted copy?)")
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise ConfigError(f"--ckpt_path {path} cannot be read as a torch checkpoint ({e})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(f"--ckpt_path {path} {NOT_A_MAT_CHECKPOINT}")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(
+            f"--ckpt_path {path} cannot be read as a torch checkpoint ({reason}); is it truncated or not a "
+            "checkpoint? Lightning checkpoints are read with weights_only=True"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        kind = type(ckpt).__name__ if not isinstance(ckpt, dict) else "dict without 'state_dict'"
+        raise ConfigError(f"--ckpt_path {path} holds a {kind}: it {NOT_A_MAT_CHECKPOINT}")
+    return ckpt
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail early, with a message, on a --ckpt_path that is missing or not a Lightning checkpoint."""
+    load_user_checkpoint(path)
+
+
+def check_checkpoint_fits(model, path: str) -> None:
+    """The checkpoint's encoder weights have the configured encoder's names and shapes (before Lightning loads it)."""
+    theirs = {k: v for k, v in load_user_checkpoint(path)["state_dict"].items() if k.startswith("encoder.")}
+    ours = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    shapes = [
+        f"{k}: checkpoint {list(theirs[k].shape)} vs model {list(v.shape)}"
+        for k, v in ours.items()
+        if k in theirs and hasattr(theirs[k], "shape") and tuple(theirs[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            part
+            for part in (
+                f"{len(missing)} missing weights (e.g. {missing[0]})" if missing else "",
+                f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else "",
+            )
+            if part
+        )
+        raise ConfigError(
+            f"--ckpt_path {path} does not fit the configured model ({detail}): it was trained with another "
+            "encoder; check --model.encoder (model_name) or the --config it was trained with"
+        )
+
+
+# made by this process: removed again if the run fails before it saves anything
+_created_run_dirs: list[Path] = []
 
 
 def agreed_run_dir(parent: Path) -> str:
@@ -212,8 +348,29 @@ def new_run_dir(parent: Path) -> str:
     candidate, n = parent / stamp, 1
     while candidate.exists():
         candidate, n = parent / f"{stamp}-{n}", n + 1
-    candidate.mkdir(parents=True)
+    try:
+        candidate.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create the run folder {candidate} ({e.strerror}); check --run_root"
+        ) from None
+    _created_run_dirs.append(candidate)
     return str(candidate)
+
+
+def remove_failed_run_dirs() -> None:
+    """Remove run folders of this process that hold no checkpoint and no results (a run that failed to start)."""
+    while _created_run_dirs:
+        run_dir = _created_run_dirs.pop()
+        if not run_dir.is_dir():
+            continue
+        kept = [p for p in run_dir.rglob("*") if p.suffix == ".ckpt" or p.name.startswith("results.")]
+        if not kept:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            try:
+                run_dir.parent.rmdir()  # the experiment folder, if this was its only run
+            except OSError:
+                pass
 
 
 def _finish_wandb() -> None:
@@ -287,11 +444,37 @@ def _print_error(e: BaseException) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+def user_error(e: BaseException) -> BaseException | None:
+    """The user-facing error inside ``e``, if any: our MatError (also when jsonargparse or Lightning wrapped it while
+    instantiating a class) or Lightning's MisconfigurationException."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MatError | MisconfigurationException):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (a test's capture, a redirect), not the stream of the first call."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     """Our INFO messages (world building, results paths) on stderr; other libraries keep their own settings."""
     logger = logging.getLogger("mat_lightning")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[mat] %(message)s"))
         logger.addHandler(handler)
         # one voice per distributed run: the other ranks report warnings and errors only
@@ -304,40 +487,61 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_console()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    Interruption.reset()
+    previous_handler = install_sigterm_handler()
     try:
-        from mat_lightning.main import front_door
-
-        argv = front_door(argv)  # help, report, eval -> test
-        if argv is None:
-            return
-        if argv[:2] == ["data", "check"]:
-            from mat_lightning.data.check import main as data_check
-
-            data_check(argv[2:])
-            return
-        if argv[:1] == ["augment"]:
-            from mat_lightning.data.augment.generate import main as augment
-
-            augment(argv[1:])
-            return
-        if argv[:1] == ["robust-eval"]:
-            argv = ["test", *_export_alias(argv[1:])]
-        cli = None
-        try:
-            if from_command_line:
-                sys.argv[1:] = argv  # DDP re-executes sys.argv in each process; keep it what we run
-                cli = MatCLI()
-            else:
-                cli = MatCLI(args=argv)
-        finally:
-            _finish_wandb()
-        _print_final(cli)
-    except MatError as e:
-        _print_error(e)
+        _main(argv, from_command_line)
+    except (SystemExit, KeyboardInterrupt) as e:
+        if Interruption.signal is None and isinstance(e, KeyboardInterrupt):
+            Interruption.signal = "SIGINT"
+        if Interruption.signal is None:
+            raise
+        print(f"error: {interruption_message()}", file=sys.stderr)
+        sys.exit(EXIT_SIGTERM if Interruption.signal == "SIGTERM" else EXIT_SIGINT)
+    except Exception as e:
+        found = user_error(e)
+        if found is None:
+            raise
+        remove_failed_run_dirs()
+        _print_error(found)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; checkpoints and result files written so far are complete", file=sys.stderr)
-        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if Interruption.signal == "SIGTERM":  # received during an evaluation that then completed
+        print(f"error: {interruption_message()}", file=sys.stderr)
+        sys.exit(EXIT_SIGTERM)
+
+
+def _main(argv: list[str], from_command_line: bool) -> None:
+    from mat_lightning.main import front_door
+
+    alias = argv[0] if argv[:1] in (["robust-eval"], ["eval"]) else None
+    argv = front_door(argv)  # help, report, eval -> test
+    if argv is None:
+        return
+    if argv[:2] == ["data", "check"]:
+        from mat_lightning.data.check import main as data_check
+
+        data_check(argv[2:])
+        return
+    if argv[:1] == ["augment"]:
+        from mat_lightning.data.augment.generate import main as augment
+
+        augment(argv[1:])
+        return
+    if argv[:1] == ["robust-eval"]:
+        argv = ["test", *_export_alias(argv[1:])]
+    cli = None
+    try:
+        if from_command_line:
+            sys.argv[1:] = argv  # DDP re-executes sys.argv in each process; keep it what we run
+            cli = MatCLI(alias=alias)
+        else:
+            cli = MatCLI(args=argv, alias=alias)
+    finally:
+        _finish_wandb()
+        LOCAL_MODELS.clear()  # this run's --local_models must not leak into the next run in the same process
+    _print_final(cli)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ Positivity is read from image identity: caption t is positive for image i iff ``
 DDP follows open_clip's recommended setting (``local_loss=True, gather_with_grad=True``, issue #894): features are
 all-gathered with autograd, each rank scores its *local* queries against the *global* gallery, and DDP's gradient
 averaging then gives the same gradient as one process with the whole batch.
+
+Mixed precision: every loss here computes its logits and reductions in float32 (autocast off, inputs upcast), so
+``--trainer.precision=bf16-mixed`` runs the towers in bf16 but not the loss (:func:`fp32`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def fp32(like: Tensor) -> torch.autocast:
+    """Autocast off on ``like``'s device: under ``bf16-mixed`` the losses run in float32.
+
+    bf16 keeps 8 bits of mantissa: a cosine times logit scale 100 would be off by up to ~0.4 in the logits, and
+    FARE's sum of squared differences over D dims would lose the small differences it is made of.
+    """
+    return torch.autocast(device_type=like.device.type, enabled=False)
 
 
 def _directional(logits: Tensor, positive: Tensor) -> Tensor:
@@ -58,8 +70,9 @@ def contrastive_loss(
         image_ids = torch.arange(image_emb.shape[0], device=image_emb.device)
     caption_ids = image_ids[txt2img]  # (T,)
     positive = image_ids[:, None] == caption_ids[None, :]  # (B, T)
-    logits = logit_scale * image_emb @ text_emb.T  # (B, T)
-    return (_directional(logits, positive) + _directional(logits.T, positive.T)) / 2
+    with fp32(image_emb):
+        logits = logit_scale.float() * image_emb.float() @ text_emb.float().T  # (B, T)
+        return (_directional(logits, positive) + _directional(logits.T, positive.T)) / 2
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -116,13 +129,16 @@ def distributed_contrastive_loss(
     all_ids = gather_no_grad(image_ids)  # (W*B,)
     all_cap_ids = gather_no_grad(image_ids[txt2img])  # (W*T,)
     local_cap_ids = image_ids[txt2img]
-    i2t = logit_scale * image_emb @ all_txt.T  # (B, W*T)
-    t2i = logit_scale * text_emb @ all_img.T  # (T, W*B)
-    loss_i2t = _directional(i2t, image_ids[:, None] == all_cap_ids[None, :])
-    loss_t2i = _directional(t2i, local_cap_ids[:, None] == all_ids[None, :])
-    return (loss_i2t + loss_t2i) / 2
+    with fp32(image_emb):
+        scale = logit_scale.float()
+        i2t = scale * image_emb.float() @ all_txt.float().T  # (B, W*T)
+        t2i = scale * text_emb.float() @ all_img.float().T  # (T, W*B)
+        loss_i2t = _directional(i2t, image_ids[:, None] == all_cap_ids[None, :])
+        loss_t2i = _directional(t2i, local_cap_ids[:, None] == all_ids[None, :])
+        return (loss_i2t + loss_t2i) / 2
 
 
 def fare_loss(embedding: Tensor, reference: Tensor) -> Tensor:
     """FARE's loss: squared L2 distance of unnormalised embeddings, summed over dims, mean over the batch."""
-    return (embedding - reference).pow(2).sum(dim=-1).mean()
+    with fp32(embedding):
+        return (embedding.float() - reference.float()).pow(2).sum(dim=-1).mean()

@@ -21,7 +21,9 @@ from mat_lightning.defenses.base import Defense
 from mat_lightning.defenses.clean import Clean
 from mat_lightning.errors import ConfigError
 from mat_lightning.eval.embeddings import EmbeddingBank
-from mat_lightning.eval.retrieval import recall_at_k, similarity
+from mat_lightning.eval.rerank import PixelBank, wants_rerank
+from mat_lightning.eval.rerank import ranks as rerank_ranks
+from mat_lightning.eval.retrieval import recall_from_ranks
 from mat_lightning.models.encoder import VLEncoder
 from mat_lightning.models.pretrain import param_groups, warmup_cosine
 
@@ -41,6 +43,8 @@ class MatModule(L.LightningModule):
         weight_decay: AdamW weight decay on weight matrices (not on gains, biases or the temperature).
         warmup_fraction: share of the optimiser steps spent in linear warm-up before the cosine decay.
         ks: recall cut-offs logged at validation/test.
+        compile: ``torch.compile`` the encoder's towers (``encoder.towers()``, compiled in place, so checkpoint keys
+            do not change). Pays off on GPUs for long runs; the first steps are slow while it compiles.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class MatModule(L.LightningModule):
         weight_decay: float = 0.1,
         warmup_fraction: float = 0.1,
         ks: list[int] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["encoder", "defense"])
@@ -58,9 +63,18 @@ class MatModule(L.LightningModule):
         self.defense = defense if defense is not None else Clean()
         self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
         self.ks = list(ks or [1, 5, 10])
-        self.defense.attach(self.encoder)
+        self.defense.attach(self.encoder)  # before compiling: FARE deep-copies the encoder
+        if compile:
+            towers = self.encoder.towers() if hasattr(self.encoder, "towers") else []
+            if not towers:
+                raise ConfigError(
+                    f"model.compile=true: {type(self.encoder).__name__}.towers() names no module"
+                )
+            for tower in towers:
+                tower.compile()
         self._freeze_untrained_towers()
         self._bank: EmbeddingBank | None = None
+        self._pixels: PixelBank | None = None
 
     def _freeze_untrained_towers(self) -> None:
         """TeCoA and FARE train the vision tower only: everything else stops receiving gradients."""
@@ -133,6 +147,9 @@ class MatModule(L.LightningModule):
     def _eval_step(self, batch: RetrievalBatch) -> None:
         if self._bank is None:
             self._bank = EmbeddingBank()
+            self._pixels = PixelBank() if wants_rerank(self.encoder) else None  # fusion models re-rank
+        if self._pixels is not None:
+            self._pixels.add(batch.images, batch.image_ids, batch.captions, batch.txt2img)
         with torch.no_grad():
             self._bank.add(
                 self.encoder.encode_image(batch.images),
@@ -145,8 +162,8 @@ class MatModule(L.LightningModule):
         if self._bank is None:
             return
         img, txt, txt2img, _ = self._bank.compute()
-        self._bank = None
-        metrics = recall_at_k(similarity(img, txt), txt2img, self.ks)
+        self._bank, pixels, self._pixels = None, self._pixels, None
+        metrics = recall_from_ranks(rerank_ranks(self.encoder, img, txt, txt2img, pixels), self.ks)
         # Every rank holds the same gathered embeddings, hence the same values; sync_dist (a mean of equal values)
         # only tells Lightning so, instead of a warning per metric under DDP.
         self.log_dict({f"{stage}/clean/{k}": v for k, v in metrics.items() if k != "r_mean"}, sync_dist=True)

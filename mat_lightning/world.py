@@ -68,6 +68,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MAT_CACHE_DIR", Path.home() / ".cache" / "mat_lightning")).expanduser()
 
 
+def corrupt_cache_hint(path: str | Path) -> str:
+    """What to say when a cached asset cannot be read: which file, and that deleting it rebuilds it."""
+    return (
+        f"{path} is a cached asset of the synthetic world and is corrupt (an interrupted copy or a full disk?): "
+        f"delete it (rm -r '{path}') and it is rebuilt on the next run"
+    )
+
+
+def is_cached(path: str | Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to(cache_dir().resolve())
+    except OSError:
+        return False
+
+
 def preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"unknown synthetic world preset {name!r}; known: {sorted(PRESETS)}")
@@ -76,8 +91,15 @@ def preset(name: str) -> Preset:
 
 @contextmanager
 def _locked(name: str) -> Iterator[None]:
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / f".{name}.lock", "w") as fh:
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        fh = open(cache_dir() / f".{name}.lock", "w")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise ConfigError(
+            f"the asset cache {cache_dir()} is not a writable folder ({e.strerror}): set MAT_CACHE_DIR to one "
+            "(the synthetic world, its CLIP and its masked LM are built there)"
+        ) from None
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

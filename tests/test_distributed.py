@@ -68,9 +68,7 @@ def fit(root: Path, name: str, processes: int, batch: int, eval_batch: int, extr
 
 
 def encoder_weights(run: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
-        "state_dict"
-    ]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("encoder.") and v.is_floating_point()}
 
 
@@ -130,7 +128,7 @@ def test_mat_under_ddp_trains_and_evaluates_as_one_process(tmp_path, start_weigh
         assert index == json.loads((tmp_path / "export1" / tag / "captions.json").read_text())
         for e in index:
             pt = Path(e["image"]).with_suffix(".pt")
-            x1, x2 = (torch.load(tmp_path / d / tag / pt) for d in ("export1", "export2"))
+            x1, x2 = (torch.load(tmp_path / d / tag / pt, weights_only=True) for d in ("export1", "export2"))
             assert (
                 x1 - x2
             ).abs().max() <= 2 / 255  # the same adversarial image up to float noise in the weights

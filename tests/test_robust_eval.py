@@ -69,7 +69,7 @@ def test_export_writes_a_reusable_adversarial_set(tiny_encoder, tmp_path):
     folder = tmp_path / "pgd_eps2"
     entries = json.loads((folder / "captions.json").read_text())
     assert len(entries) == 6 and entries[0]["caption"] == eval_set.records[0].captions
-    x = torch.load(folder / "images" / "000000.pt")
+    x = torch.load(folder / "images" / "000000.pt", weights_only=True)
     assert x.shape == (3, 64, 64) and (folder / entries[0]["image"]).is_file()
     clean = eval_set[0][0].float() / 255
     assert (x - clean).abs().max() <= 2 / 255 + 1e-6
@@ -129,7 +129,7 @@ def test_mat_robust_eval_on_a_checkpoint(tmp_path, tiny_clip_path):
     )
     ckpt = next((tmp_path / "ft").glob("*/checkpoints/last.ckpt"))
     (best,) = ckpt.parent.glob("epoch00-step*.ckpt")  # the best by clean recall, kept beside last.ckpt
-    steps = [torch.load(f, map_location="cpu", weights_only=False)["global_step"] for f in (best, ckpt)]
+    steps = [torch.load(f, map_location="cpu", weights_only=True)["global_step"] for f in (best, ckpt)]
     assert steps[1] == 3 * steps[0] > 0  # last.ckpt holds the final weights, after epoch 3
     main(
         [

@@ -49,9 +49,13 @@ def attacking(encoder: VLEncoder) -> Iterator[None]:
 
     Defenses that call an attack's lower-level ``perturb`` with their own objective wrap it in this.
     """
-    was_training = encoder.training
-    flags = [(p, p.requires_grad) for p in encoder.parameters()]
-    encoder.eval()
+    # A duck-typed encoder (DESIGN §4: encode_image, encode_text, logit_scale, image_size) may have no parameters
+    # or modes; then there is nothing to freeze or restore.
+    was_training = getattr(encoder, "training", None)
+    parameters = getattr(encoder, "parameters", None)
+    flags = [(p, p.requires_grad) for p in parameters()] if callable(parameters) else []
+    if was_training is not None and hasattr(encoder, "train"):
+        encoder.train(False)
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -60,7 +64,8 @@ def attacking(encoder: VLEncoder) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        encoder.train(was_training)
+        if was_training is not None and hasattr(encoder, "train"):
+            encoder.train(was_training)
 
 
 class SampleRandomness:

@@ -52,7 +52,7 @@ from torch import Tensor
 from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.stopwords import STOP_WORDS
 from mat_lightning.errors import ConfigError
-from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.models.encoder import VLEncoder, encoder_device, local_model, require_local_or_online
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class CandidateGenerator(Protocol):
 
 
 def resolve_mlm(spec: str) -> str:
-    """``synthetic[:<preset>]`` -> the synthetic world's tiny MLM folder; anything else passes through."""
+    """``synthetic[:<preset>]`` -> the synthetic world's tiny MLM folder; a name in ``local_models`` -> its local
+    copy; anything else passes through."""
+    spec = local_model(spec)
     if not spec.startswith("synthetic"):
         return spec
     from mat_lightning import world
@@ -83,10 +85,21 @@ def load_mlm(spec: str) -> tuple[Any, Any]:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     path = resolve_mlm(spec)
+    require_local_or_online(
+        path,
+        "the masked LM of BERT-Attack",
+        "Give a local folder written by save_pretrained (e.g. huggingface-cli download bert-base-uncased "
+        "--local-dir <folder> on a machine with network) as the attack's mlm, or 'synthetic' for the synthetic "
+        "world's MLM.",
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path)
     except (OSError, ValueError) as e:  # missing folder, unknown hub id, offline hub
+        from mat_lightning import world
+
+        if world.is_cached(path):
+            raise ConfigError(world.corrupt_cache_hint(path)) from None
         raise ConfigError(
             f"could not load the masked LM {spec!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
             "Offline? Give a local folder written by save_pretrained, or 'synthetic' for the synthetic world's MLM."
@@ -302,7 +315,7 @@ class BertAttack(Attack):
     @torch.no_grad()
     def prepare_captions(self, encoder: VLEncoder, captions: list[str]) -> PreparedCaptions:
         """Split into words and sub-words, MLM candidates (one batched pass), word importance (one encoder pass)."""
-        device = next(encoder.parameters()).device
+        device = encoder_device(encoder)  # a duck-typed encoder may have no parameters (DESIGN §4)
         words = [c.split(" ") for c in captions]
         candidates: list[dict[int, list[str]]] = [{} for _ in captions]
         combos: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in captions]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
@@ -39,7 +40,7 @@ from mat_lightning.attacks.objectives import (
     caption_prototypes,
 )
 from mat_lightning.errors import ConfigError
-from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.models.encoder import VLEncoder, encode_image_unnormalised
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class PGD(Attack):
         if self.objective == "embedding_kl":
             g.clean_emb = encoder.encode_image(images)
         if self.objective == "embedding_l2":
-            g.reference_emb = encoder.encode_image(images, normalize=False)
+            g.reference_emb = encode_image_unnormalised(encoder, images)
         if self.objective == "cross_entropy":  # classes = the batch's images, each the mean of its captions
             g.class_emb, g.labels = caption_prototypes(g.text_emb, txt2img, images.shape[0])
         return g
@@ -192,15 +193,15 @@ class PGD(Attack):
             adv = adv.clamp(0, 1)
         velocity = torch.zeros_like(adv)
         guidance = guidance.float()
+        # DESIGN §4: the keyword is passed only where it is needed (FARE), so DESIGN's encode_image(images) works
+        encode = encoder.encode_image if normalize else partial(encode_image_unnormalised, encoder)
         for _ in range(self.steps):
             adv.requires_grad_(True)
             inputs = [adv] + (views(adv, rng) if views is not None else [])
             if all(v.shape == adv.shape for v in inputs[1:]):  # SGA's views come back at the image's size:
-                embs = encoder.encode_image(torch.cat(inputs), normalize=normalize).chunk(
-                    len(inputs)
-                )  # one pass
+                embs = encode(torch.cat(inputs)).chunk(len(inputs))  # one pass
             else:
-                embs = [encoder.encode_image(v, normalize=normalize) for v in inputs]
+                embs = [encode(v) for v in inputs]
             # the encoder may run under a bf16 autocast; the objective (softmaxes, KLs) runs in float32
             with torch.autocast(adv.device.type, enabled=False):
                 loss = sum(objective(e.float(), guidance) for e in embs)

@@ -8,6 +8,10 @@ set is fine: splits the annotations do not have (``--data.annotations='{test: fi
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
+from pathlib import Path
+
 from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.table import Table
@@ -19,7 +23,10 @@ from mat_lightning.errors import DataError
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(
-        prog="mat data check", description=__doc__.splitlines()[0], parser_mode="omegaconf"
+        prog="mat data check",
+        description=__doc__.splitlines()[0],
+        parser_mode="omegaconf",
+        allow_abbrev=False,
     )
     parser.add_argument(
         "-c", "--config", action="config", help="A config file with a data: section (an experiment)."
@@ -36,25 +43,30 @@ def main(argv: list[str]) -> None:
     dm.prepare_data()
     console = Console()
     table = Table(title=f"{dm.dataset} ({dm.root or 'synthetic world'})")
-    for col in ("split", "images", "captions", "captions/image", "status"):
+    for col in ("split", "layout", "images", "captions", "captions/image", "status"):
         table.add_column(col)
     problems: list[str] = []
+    owners: dict[str, tuple[str, Path]] = {}  # content hash -> (split, first file with that content)
     missing: list[tuple[str, str]] = []  # (split, message) of the splits whose images are missing
     present = 0
     for _stage, split in dm.splits.items():
         if isinstance(dm.annotations, dict) and split not in dm.annotations:
-            table.add_row(split, "-", "-", "-", "absent (no annotation file given)")
+            table.add_row(split, "-", "-", "-", "-", "absent (no annotation file given)")
             continue
+        try:
+            layout = dm.layout(split)
+        except DataError:
+            layout = "-"
         try:
             records = dm.read_split(split)
         except DataError as e:
             if "no images in split" in str(e):
-                table.add_row(split, "-", "-", "-", "absent from the annotations")
+                table.add_row(split, layout, "-", "-", "-", "absent from the annotations")
             elif "are missing" in str(e):
-                table.add_row(split, "-", "-", "-", "[red]images missing")
+                table.add_row(split, layout, "-", "-", "-", "[red]images missing")
                 missing.append((split, str(e)))
             else:
-                table.add_row(split, "-", "-", "-", "[red]error")
+                table.add_row(split, layout, "-", "-", "-", "[red]error")
                 problems.append(str(e))
             continue
         present += 1
@@ -65,12 +77,23 @@ def main(argv: list[str]) -> None:
                     load_image(r.image_path, cfg.image_size)
                 except DataError as e:
                     bad.append(str(e))
+        repeated = [
+            r for r in records if r.entries > 1 and r.split is not None
+        ]  # Karpathy: one entry per image
+        if repeated:
+            problems.append(
+                f"{len(repeated)} images of split {split!r} are listed more than once (their captions were merged), "
+                f"e.g. {repeated[0].image_id}; list each image once"
+            )
+        copies = _content_duplicates(records, split, owners)
+        bad += copies
         per = [len(r.captions) for r in records]
         status = "[green]ok" if not bad else f"[red]{len(bad)} bad images"
-        table.add_row(split, str(len(records)), str(sum(per)), f"{min(per)}-{max(per)}", status)
+        table.add_row(split, layout, f"{len(records):,}", f"{sum(per):,}", caption_counts(per), status)
         if bad:
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
             problems.append(
-                f"{len(bad)} images of split {split!r} cannot be used, e.g.\n  " + "\n  ".join(bad[:5])
+                f"{len(bad)} images of split {split!r} cannot be used:\n  " + "\n  ".join(bad[:20]) + more
             )
     console.print(table)
     if missing:  # one message: the splits usually share the image folder
@@ -82,3 +105,30 @@ def main(argv: list[str]) -> None:
         problems.append(f"no split of {', '.join(dm.splits.values())} is in the annotations")
     if problems:
         raise DataError("\n".join(problems))
+
+
+def caption_counts(per_image: list[int]) -> str:
+    """``[5, 5, 6]`` -> ``"5 x2, 6 x1"``: how many images have each number of captions (COCO test: ten with 6)."""
+    counts = Counter(per_image)
+    return ", ".join(f"{n} x{counts[n]:,}" for n in sorted(counts))
+
+
+def _content_duplicates(records, split: str, owners: dict[str, tuple[str, Path]]) -> list[str]:
+    """Files whose bytes equal an earlier file's, in this split or another (a copy under another name).
+
+    A copy inside one split makes two "different" images of one picture (recall counts a hit on the copy as a
+    miss); across splits it leaks evaluation images into training.
+    """
+    found = []
+    for r in records:
+        try:
+            digest = hashlib.sha256(Path(r.image_path).read_bytes()).hexdigest()
+        except OSError:
+            continue  # reported as missing or unreadable elsewhere
+        if digest in owners:
+            other_split, other = owners[digest]
+            where = "the same split" if other_split == split else f"split {other_split!r}"
+            found.append(f"{r.image_path} has the same content as {other} ({where})")
+        else:
+            owners.setdefault(digest, (split, r.image_path))
+    return found

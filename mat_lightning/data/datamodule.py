@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -28,13 +29,42 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mat_lightning.data.augment.pairs import OneToMany
-from mat_lightning.data.formats import Format, ImageCaptions, check_images_exist, read_annotations
+from mat_lightning.data.formats import (
+    Format,
+    ImageCaptions,
+    check_images_exist,
+    read_annotations,
+    shared_images,
+)
 from mat_lightning.data.sampling import EvalShards, TrainShards
 from mat_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ANNOTATIONS = {"flickr30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
+# The file names each layout uses inside a data set's folder, tried in this order when data.annotations is not set:
+# Karpathy's one file; ALBEF/SGA's one file per split; CLIP_benchmark's one file per split.
+LAYOUT_FILES = {
+    "karpathy": "dataset_{dataset}.json",
+    "albef": "{dataset}_{split}.json",
+    "clip_benchmark": {"flickr30k": "flickr30k_{split}_karpathy.txt", "coco": "coco_{split}_karpathy.json"},
+}
+
+
+def find_annotation_file(root: Path, dataset: str, split: str) -> tuple[str, Path]:
+    """(layout, file) of ``split`` of a Flickr30K/COCO folder: the first layout whose file exists."""
+    tried = []
+    for layout, pattern in LAYOUT_FILES.items():
+        if isinstance(pattern, dict):
+            pattern = pattern[dataset]
+        path = root / pattern.format(dataset=dataset, split=split)
+        if path.is_file():
+            return layout, path
+        tried.append(path.name)
+    raise DataError(
+        f"no annotation file for split {split!r} of {dataset} in {root}: looked for {', '.join(tried)} "
+        "(Karpathy, ALBEF/SGA and CLIP_benchmark layouts). Put one there or pass --data.annotations=<file>."
+    )
 
 
 @dataclass
@@ -60,12 +90,50 @@ class RetrievalBatch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def pin_memory(self) -> RetrievalBatch:
+        """Called by the DataLoader with ``pin_memory=True`` (custom batch types must pin themselves)."""
+        return RetrievalBatch(self.images.pin_memory(), self.captions, self.txt2img, self.image_ids)
+
+
+TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as the 8-bit RGB picture it shows.
+
+    * transparency (``RGBA``, ``LA``, ``PA``, ``P``/``L``/``RGB`` with a transparent colour) is composited over white:
+      the colour stored under a transparent pixel is not part of the picture (often black);
+    * 16- and 32-bit integer greys (``I;16*``, ``I``: 16-bit PNG and TIFF) are scaled from [0, 65535], float greys
+      (``F``) from [0, 1]; ``Image.convert`` would clip both at 255, showing a white or black picture;
+    * the rest (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``RGBX`` ...) through Pillow's own conversion.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        grey = grey if mode == "F" else grey / 65535.0
+        grey = np.nan_to_num(grey, nan=0.0).clip(0.0, 1.0)
+        return Image.fromarray((grey * 255.0).round().astype(np.uint8), "L").convert("RGB")
+    if mode in TRANSPARENT_MODES or (mode in ("P", "L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as e:  # LAB, HSV: Pillow has no conversion to RGB
+        raise DataError(
+            f"image mode {mode} cannot be converted to RGB ({e}); save the image as RGB"
+        ) from None
+
 
 def load_image(path: Path, size: int) -> Tensor:
     """Decode, resize the shorter side to ``size`` (bicubic, antialiased) and centre-crop: uint8[3, size, size]."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        # Pillow's decompression-bomb guard: a warning above MAX_IMAGE_PIXELS, an error above twice that. Both refuse.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            im = to_rgb(im)
             w, h = im.size
             scale = size / min(w, h)
             if (w, h) != (size, size):
@@ -78,7 +146,12 @@ def load_image(path: Path, size: int) -> Tensor:
         raise DataError(
             f"image not found: {path}. Check --data.image_root or re-create the data set."
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(
+            f"image too large: {path} ({e}). Downscale it (the model sees it at {size} px), or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"image cannot be decoded: {path} ({e}). Replace or remove the file.") from None
     return torch.from_numpy(arr).permute(2, 0, 1)
 
@@ -200,7 +273,9 @@ class RetrievalDataModule(L.LightningDataModule):
         max_eval_images: evaluate on the first N images of val/test only (a quick look; full splits otherwise).
         image_size: side in pixels; default: the encoder's ``image_size`` (read at ``setup``).
         preload: decode all images into memory at setup (default: on for the synthetic world).
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers; images are decoded and resized in them (8 or more feed a GPU).
+        pin_memory: page-locked batches for faster host-to-GPU copies; default: on when CUDA is available.
+        persistent_workers: keep the workers alive between epochs and evaluations (only with ``num_workers > 0``).
         one_to_many: MAT+'s 1:N augmentation of training pairs (extra captions from EDA, LM rewrites and I2T files;
             generated images and image augmentation), see :class:`~mat_lightning.data.augment.pairs.OneToMany`.
             None: train on the ground-truth pairs only. Used for the train split only.
@@ -224,6 +299,8 @@ class RetrievalDataModule(L.LightningDataModule):
         image_size: int | None = None,
         preload: bool | None = None,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
         one_to_many: OneToMany | None = None,
     ) -> None:
         super().__init__()
@@ -250,6 +327,8 @@ class RetrievalDataModule(L.LightningDataModule):
         self.batch_size, self.captions_per_image = batch_size, captions_per_image
         self.eval_batch_size, self.max_eval_images = eval_batch_size, max_eval_images
         self.image_size, self.num_workers = image_size, num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
         self.preload = dataset == "synthetic" if preload is None else preload
         self.records: dict[str, list[ImageCaptions]] = {}
         self._split_files: dict[Path, str] = {}
@@ -281,15 +360,33 @@ class RetrievalDataModule(L.LightningDataModule):
             return Path(self.annotations)
         if self.dataset not in DEFAULT_ANNOTATIONS:
             raise ConfigError("data.dataset=custom needs --data.annotations=<file or {split: file}>")
-        return Path(self.root) / DEFAULT_ANNOTATIONS[self.dataset]
+        return find_annotation_file(Path(self.root), self.dataset, split)[1]
+
+    def layout(self, split: str) -> str:
+        """The annotation layout of ``split`` (``karpathy``, ``albef``, ``clip_benchmark``; ``synthetic``)."""
+        if self.dataset == "synthetic":
+            return "karpathy (synthetic world)"
+        if self.annotations is None and self.dataset in DEFAULT_ANNOTATIONS:
+            return find_annotation_file(Path(self.root), self.dataset, split)[0]
+        path = self.annotation_file(split)
+        if path.suffix == ".txt":
+            return "clip_benchmark"
+        from mat_lightning.data.formats import detect_format, load_json
+
+        return detect_format(load_json(path), path)
 
     def _image_roots(self, annotation: Path) -> list[Path]:
         """Folders the image paths may be relative to, most likely first."""
         if self.image_root is not None:
             return [Path(self.image_root)]
         base = Path(self.root) if self.root is not None else annotation.parent
-        # Karpathy's Flickr30K file names carry no folder; the images usually sit in flickr30k-images/.
-        return [base, base / "flickr30k-images"] if self.dataset == "flickr30k" else [base]
+        # Karpathy's Flickr30K file names carry no folder; the images usually sit in flickr30k-images/. CLIP_benchmark's
+        # COCO file names carry none either: they sit in val2014/ (train2014/ for train).
+        if self.dataset == "flickr30k":
+            return [base, base / "flickr30k-images"]
+        if self.dataset == "coco":
+            return [base, base / "val2014", base / "train2014"]
+        return [base]
 
     def read_split(self, split: str) -> list[ImageCaptions]:
         """Records of one split (cached); raises DataError when a file or image is missing."""
@@ -298,7 +395,14 @@ class RetrievalDataModule(L.LightningDataModule):
                 raise DataError(f"data folder not found: {self.root}. Check --data.root.")
             path = self.annotation_file(split)
             roots = self._image_roots(path)
-            records = read_annotations(path, roots[0], split, self.format)
+            try:
+                records = read_annotations(path, roots[0], split, self.format)
+            except DataError as e:
+                from mat_lightning import world
+
+                if self.dataset == "synthetic" and world.is_cached(path):
+                    raise DataError(f"{e}\n{world.corrupt_cache_hint(path.parent)}") from None
+                raise
             if all(r.split is None for r in records):  # an ALBEF-style file: one split per file
                 other = self._split_files.setdefault(path.resolve(), split)
                 if other != split:
@@ -345,6 +449,20 @@ class RetrievalDataModule(L.LightningDataModule):
             self.eval_sets[stage] = EvalSet(store, records)
         return self.eval_sets[stage]
 
+    def check_disjoint(self, stage: str) -> None:
+        """The ``stage`` split shares no image (path or content) with the train split, if training has read it."""
+        train, split = self.splits["fit"], self.splits[stage]
+        if train not in self.records or split == train:
+            return
+        pairs = shared_images(self.records[train], self.read_split(split))
+        if pairs:
+            a, b = pairs[0]
+            raise DataError(
+                f"{len(pairs)} images of the {split!r} split are also in the {train!r} split (the same file or the "
+                f"same content), e.g. {b.image_path} and {a.image_path}: evaluation on training images inflates "
+                "recall. Remove them from one split (mat data check lists them)"
+            )
+
     def setup(self, stage: str) -> None:
         size = self._resolve_image_size()
         if stage == "fit" and self.train_set is None:
@@ -360,8 +478,10 @@ class RetrievalDataModule(L.LightningDataModule):
             log.info("train split %r: %d images", self.splits["fit"], len(records))
         if stage in ("fit", "validate"):
             self.eval_set("validate")
+            self.check_disjoint("validate")
         if stage == "test":
             self.eval_set("test")
+            self.check_disjoint("test")
 
     def _processes(self) -> tuple[int, int]:
         """(world size, global rank) of the attached trainer; (1, 0) without one."""
@@ -389,7 +509,8 @@ class RetrievalDataModule(L.LightningDataModule):
             drop_last=shuffle and len(sampler) > batch_size,
             num_workers=self.num_workers,
             collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,10 +1,15 @@
-"""Readers for the two annotation layouts of the field, into one record type.
+"""Readers for the three annotation layouts of the field, into one record type.
 
 * **Karpathy** (``dataset_flickr30k.json``, ``dataset_coco.json``, and our synthetic world):
   ``{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}, ...], ...}]}``.
 * **ALBEF/SGA** (``flickr30k_test.json``, ``coco_test.json``, ``*_train.json``): a list of
   ``{"image": "<relative path>", "caption": [str, ...] | str}``. The train files have one caption per entry and repeat
   the image; entries of the same image are merged, in file order.
+* **CLIP_benchmark** (LAION-AI/CLIP_benchmark, files from ``mehdidc/retrieval_annotations`` release 1.0.0), one file
+  per split: ``flickr30k_<split>_karpathy.txt``, a header line then one ``<image>.jpg,<caption>`` row per caption
+  (the caption may hold commas: a row splits at the first ``.jpg,``, as CLIP_benchmark's ``flickr.py`` does); and
+  ``coco_<split>_karpathy.json`` in COCO-captions format, ``{"images": [{"id", "file_name"}], "annotations":
+  [{"image_id", "caption"}]}``, with ``file_name`` relative to ``val2014/`` (``train2014/`` for train).
 
 Every problem is reported as :class:`~mat_lightning.errors.DataError` naming the file and the entry, never as a
 ``KeyError`` from deep inside a loop.
@@ -13,13 +18,17 @@ Every problem is reported as :class:`~mat_lightning.errors.DataError` naming the
 from __future__ import annotations
 
 import json
+import logging
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from mat_lightning.errors import DataError
 
-Format = Literal["auto", "karpathy", "albef"]
+log = logging.getLogger(__name__)
+
+Format = Literal["auto", "karpathy", "albef", "clip_benchmark"]
 
 
 @dataclass
@@ -32,6 +41,8 @@ class ImageCaptions:
         image_id: the image's key for augmentation providers: its path relative to ``image_root``.
         split: ``train``/``val``/``test`` (Karpathy's ``restval`` is reported as is) or None when the file has none.
         meta: extra fields of the entry (the synthetic world keeps its ``scene`` here).
+        entries: how many annotation entries were merged into this record (a Karpathy file lists each image once;
+            ALBEF train files list it once per caption).
     """
 
     image_path: Path
@@ -39,6 +50,7 @@ class ImageCaptions:
     image_id: str
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    entries: int = 1
 
 
 def load_json(path: str | Path) -> Any:
@@ -59,7 +71,9 @@ def load_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not UTF-8 text ({e}); is this really the annotation JSON?") from None
 
 
-def detect_format(data: Any, path: Path) -> Literal["karpathy", "albef"]:
+def detect_format(data: Any, path: Path) -> Literal["karpathy", "albef", "clip_benchmark"]:
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        return "clip_benchmark"  # COCO-captions format (CLIP_benchmark's coco_<split>_karpathy.json)
     if isinstance(data, dict) and "images" in data:
         return "karpathy"
     if isinstance(data, list):
@@ -82,18 +96,37 @@ def _clean_captions(raw: Any, where: str) -> list[str]:
     return caps
 
 
+def _string_field(entry: dict, key: str, where: str, required: bool = True) -> str | None:
+    value = entry.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(
+            f"{where}: {key!r} must be a non-empty string, got {type(value).__name__} {str(value)[:40]!r}"
+        )
+    return value
+
+
+def _image_key(rel: str) -> str:
+    """The image's identity in a file: its relative path, normalised (``./a.jpg`` and ``a.jpg`` are one image)."""
+    return posixpath.normpath(rel.replace("\\", "/"))
+
+
 def read_karpathy(path: Path, data: dict, image_root: Path, split: str | None) -> list[ImageCaptions]:
     images = data["images"]
     if not isinstance(images, list):
         raise DataError(f"{path}: 'images' must be a list, got {type(images).__name__}")
-    out = []
+    out: dict[str, ImageCaptions] = {}
+    repeated = 0
     for i, entry in enumerate(images):
         where = f"{path}: images[{i}]"
         if not isinstance(entry, dict):
             raise DataError(f"{where} is a {type(entry).__name__}, expected an object")
         if "filename" not in entry:
             raise DataError(f"{where} has no 'filename' (keys: {sorted(entry)})")
-        entry_split = entry.get("split")
+        _string_field(entry, "filename", where)
+        _string_field(entry, "filepath", where, required=False)
+        entry_split = _string_field(entry, "split", where, required=False)
         if split is not None and entry_split != split and not (split == "train" and entry_split == "restval"):
             continue
         sentences = entry.get("sentences")
@@ -101,22 +134,29 @@ def read_karpathy(path: Path, data: dict, image_root: Path, split: str | None) -
             raise DataError(f"{where} ({entry['filename']}) has no 'sentences'")
         if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
             raise DataError(f"{where} ({entry['filename']}): 'sentences' must be a list of {{'raw': str}}")
-        rel = Path(entry.get("filepath", "")) / entry["filename"]
+        rel = _image_key((Path(entry.get("filepath") or "") / entry["filename"]).as_posix())
         meta = {
             k: v
             for k, v in entry.items()
             if k not in ("filename", "filepath", "split", "sentences", "sentids")
         }
-        out.append(
-            ImageCaptions(
-                image_path=image_root / rel,
-                captions=_clean_captions([s["raw"] for s in sentences], f"{where} ({rel})"),
-                image_id=rel.as_posix(),
-                split=entry_split,
-                meta=meta,
-            )
+        captions = _clean_captions([s["raw"] for s in sentences], f"{where} ({rel})")
+        if rel in out:  # one image listed twice: one image with the captions of both entries
+            if out[rel].split != entry_split:
+                raise DataError(
+                    f"{where}: image {rel} is listed in split {out[rel].split!r} and again in {entry_split!r}; "
+                    "an image must belong to one split (train images in the test split inflate recall)"
+                )
+            out[rel].captions.extend(captions)
+            out[rel].entries += 1
+            repeated += 1
+            continue
+        out[rel] = ImageCaptions(
+            image_path=image_root / rel, captions=captions, image_id=rel, split=entry_split, meta=meta
         )
-    return out
+    if repeated:
+        log.warning("%s: %d repeated image entries merged (their captions joined)", path, repeated)
+    return list(out.values())
 
 
 def read_albef(path: Path, data: list, image_root: Path) -> list[ImageCaptions]:
@@ -126,13 +166,59 @@ def read_albef(path: Path, data: list, image_root: Path) -> list[ImageCaptions]:
         if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
             keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
             raise DataError(f"{where} must have 'image' and 'caption' (got {keys})")
-        rel = str(entry["image"])
+        rel = _image_key(_string_field(entry, "image", where))
         caps = _clean_captions(entry["caption"], f"{where} ({rel})")
+        if rel in by_image:
+            by_image[rel].captions.extend(caps)
+            by_image[rel].entries += 1
+        else:
+            by_image[rel] = ImageCaptions(image_path=image_root / rel, captions=caps, image_id=rel)
+    return list(by_image.values())
+
+
+def read_clip_benchmark_flickr(path: Path, image_root: Path) -> list[ImageCaptions]:
+    """CLIP_benchmark's ``flickr30k_<split>_karpathy.txt``: header, then ``<image>.jpg,<caption>`` per caption."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); is this really the annotation file?") from None
+    by_image: dict[str, ImageCaptions] = {}
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        image, sep, caption = line.strip().partition(".jpg,")
+        if not sep:
+            raise DataError(
+                f"{path}: line {n} is not '<image>.jpg,<caption>' (got {line[:60]!r}). CLIP_benchmark's Flickr "
+                "files have a header line, then one row per caption."
+            )
+        rel = image + ".jpg"
+        caps = _clean_captions(caption.strip().strip('"'), f"{path}: line {n} ({rel})")
         if rel in by_image:
             by_image[rel].captions.extend(caps)
         else:
             by_image[rel] = ImageCaptions(image_path=image_root / rel, captions=caps, image_id=rel)
     return list(by_image.values())
+
+
+def read_coco_captions(path: Path, data: dict, image_root: Path) -> list[ImageCaptions]:
+    """COCO-captions format (CLIP_benchmark's ``coco_<split>_karpathy.json``), images in file order."""
+    images, annotations = data["images"], data["annotations"]
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise DataError(f"{path}: 'images' and 'annotations' must be lists (COCO-captions format)")
+    captions: dict[Any, list[str]] = {}
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            raise DataError(f"{path}: annotations[{i}] must have 'image_id' and 'caption'")
+        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    out = []
+    for i, entry in enumerate(images):
+        if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
+            raise DataError(f"{path}: images[{i}] must have 'id' and 'file_name'")
+        rel = str(entry["file_name"])
+        caps = _clean_captions(captions.get(entry["id"], []), f"{path}: images[{i}] ({rel})")
+        out.append(ImageCaptions(image_path=image_root / rel, captions=caps, image_id=rel))
+    return out
 
 
 def read_annotations(
@@ -154,10 +240,21 @@ def read_annotations(
         DataError: missing or malformed file, an entry without image or captions.
     """
     path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    if path.suffix == ".txt":  # CLIP_benchmark's Flickr CSV, the one non-JSON layout
+        if not path.is_file():
+            raise DataError(f"annotation file not found: {path} (check the path)")
+        records = read_clip_benchmark_flickr(path, root)
+        if not records:
+            raise DataError(f"{path}: no images (only a header line?)")
+        return records
     data = load_json(path)
     fmt = detect_format(data, path) if format == "auto" else format
-    root = Path(image_root) if image_root is not None else path.parent
-    if fmt == "karpathy":
+    if fmt == "clip_benchmark":
+        if not isinstance(data, dict) or "annotations" not in data:
+            raise DataError(f'{path}: format=clip_benchmark needs {{"images": [...], "annotations": [...]}}')
+        records = read_coco_captions(path, data, root)
+    elif fmt == "karpathy":
         if not isinstance(data, dict) or "images" not in data:
             raise DataError(f'{path}: format=karpathy needs a top-level {{"images": [...]}}')
         records = read_karpathy(path, data, root, split)
@@ -165,7 +262,7 @@ def read_annotations(
         if not isinstance(data, list):
             raise DataError(f"{path}: format=albef needs a top-level list of entries")
         records = read_albef(path, data, root)
-    if not records:
+    if not records and fmt != "clip_benchmark":
         found = (
             sorted({e.get("split") for e in data["images"] if isinstance(e, dict)})
             if fmt == "karpathy"
@@ -177,12 +274,47 @@ def read_annotations(
     return records
 
 
-def check_images_exist(records: list[ImageCaptions], annotation: str | Path, limit: int = 5) -> None:
-    """Raise one DataError listing the first missing image files."""
+def shared_images(
+    first: list[ImageCaptions], second: list[ImageCaptions]
+) -> list[tuple[ImageCaptions, ImageCaptions]]:
+    """Pairs of records of two splits that are the same image: the same file, or files with the same bytes.
+
+    Only files of equal size are hashed, so checking two large splits costs little more than a ``stat`` per file.
+    """
+    import hashlib
+
+    def size(r: ImageCaptions) -> int:
+        try:
+            return r.image_path.stat().st_size
+        except OSError:
+            return -1
+
+    by_size: dict[int, list[ImageCaptions]] = {}
+    for r in first:
+        by_size.setdefault(size(r), []).append(r)
+    digests: dict[Path, str] = {}
+
+    def digest(r: ImageCaptions) -> str:
+        if r.image_path not in digests:
+            digests[r.image_path] = hashlib.sha256(r.image_path.read_bytes()).hexdigest()
+        return digests[r.image_path]
+
+    pairs = []
+    for r in second:
+        for other in by_size.get(size(r), []) if size(r) >= 0 else []:
+            if other.image_path == r.image_path or digest(other) == digest(r):
+                pairs.append((other, r))
+                break
+    return pairs
+
+
+def check_images_exist(records: list[ImageCaptions], annotation: str | Path, limit: int = 20) -> None:
+    """Raise one DataError listing the first ``limit`` missing image files by name, then how many more."""
     missing = [r.image_path for r in records if not r.image_path.is_file()]
     if missing:
         shown = "\n  ".join(str(p) for p in missing[:limit])
+        more = f"\n  ... and {len(missing) - limit} more" if len(missing) > limit else ""
         raise DataError(
-            f"{len(missing)} of {len(records)} images listed in {annotation} are missing, e.g.\n  {shown}\n"
+            f"{len(missing)} of {len(records)} images listed in {annotation} are missing:\n  {shown}{more}\n"
             "Check --data.image_root (the folder the annotation's image paths are relative to)."
         )

@@ -22,7 +22,7 @@ from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.defenses.base import Defense, DefenseOutput, timed
 from mat_lightning.errors import ConfigError
 from mat_lightning.losses import fare_loss
-from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.models.encoder import VLEncoder, encode_image_unnormalised
 
 
 class FARE(Defense):
@@ -61,17 +61,17 @@ class FARE(Defense):
         if self.reference is None:
             raise RuntimeError("FARE.attach(encoder) must run before training (MatModule does it)")
         with torch.no_grad():
-            reference = self.reference.encode_image(batch.images, normalize=False)
+            reference = encode_image_unnormalised(self.reference, batch.images)
         logs: dict[str, float] = {}
         with timed(logs), attacking(encoder), self.attack.keyed(batch.image_ids, batch.sample_keys):
             adv = self.attack.perturb(
                 encoder, batch.images, embedding_l2, Guidance(reference_emb=reference), normalize=False
             )
-        loss_adv = fare_loss(encoder.encode_image(adv, normalize=False), reference)
+        loss_adv = fare_loss(encode_image_unnormalised(encoder, adv), reference)
         logs["loss_adv"] = loss_adv.item()
         if self.clean_weight == 0:
             return DefenseOutput(loss_adv, logs)
         # RobustVLM's --clean_weight is a convex mix: cw * clean + (1 - cw) * adversarial.
-        loss_clean = fare_loss(encoder.encode_image(batch.images, normalize=False), reference)
+        loss_clean = fare_loss(encode_image_unnormalised(encoder, batch.images), reference)
         logs["loss_clean"] = loss_clean.item()
         return DefenseOutput(self.clean_weight * loss_clean + (1 - self.clean_weight) * loss_adv, logs)

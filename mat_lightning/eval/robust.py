@@ -40,16 +40,11 @@ from mat_lightning.attacks.base import Attack
 from mat_lightning.attacks.objectives import Gallery
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import ConfigError
+from mat_lightning.eval import rerank
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.report import atomic_write, write_results
-from mat_lightning.eval.retrieval import (
-    RetrievalRanks,
-    attack_success,
-    recall_from_ranks,
-    retrieval_ranks,
-    similarity,
-)
-from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_from_ranks
+from mat_lightning.models.encoder import VLEncoder, encoder_device
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +62,7 @@ def _encode_split(
     export: Path | None = None,
 ) -> tuple[RetrievalRanks, float, Gallery]:
     bank = EmbeddingBank()
+    pixels = rerank.PixelBank() if rerank.wants_rerank(encoder) else None  # fusion models re-rank with pixels
     t0 = time.perf_counter()
     exported: list[dict] = []
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -82,12 +78,15 @@ def _encode_split(
             bank.add(
                 encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img
             )
+        if pixels is not None:
+            pixels.add(images, batch.image_ids, captions, batch.txt2img)
     img, txt, txt2img, ids = bank.compute()
+    ranks = rerank.ranks(encoder, img, txt, txt2img, pixels)  # fusion models: ITM re-ranking of the top-k
     seconds = time.perf_counter() - t0  # after the gather: the wall time of the whole split on all ranks
     if export is not None:
         _write_export_index(export, exported)
     gallery = Gallery(img, ids, txt, ids[txt2img])
-    return retrieval_ranks(similarity(img, txt), txt2img), seconds, gallery
+    return ranks, seconds, gallery
 
 
 def _write_export_index(folder: Path, entries: list[dict]) -> None:
@@ -151,18 +150,21 @@ def robust_retrieval(
         Rows ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_*", "asr_flip_*", "seconds"}``: first
         ``clean``, then per attack its configured budget, then the other budgets of the grid.
     """
-    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    device = torch.device(device) if device is not None else encoder_device(encoder)
     if torch.is_inference_mode_enabled():
         raise ConfigError("robust evaluation needs autograd: call it outside torch.inference_mode()")
     check_distinct_names(attacks)
-    was_training = encoder.training
-    encoder.eval()
+    check_budgets(attacks, eps_255_grid)
+    was_training = getattr(encoder, "training", None)  # None: a duck-typed encoder without modes
+    if was_training is not None:
+        encoder.train(False)
     try:
         return _robust_rows(
             encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir, on_row, on_gallery
         )
     finally:
-        encoder.train(was_training)
+        if was_training is not None:
+            encoder.train(was_training)
 
 
 def check_distinct_names(attacks: Sequence[Attack]) -> None:
@@ -171,6 +173,31 @@ def check_distinct_names(attacks: Sequence[Attack]) -> None:
         raise ConfigError(
             f"robust_eval.attacks must have distinct names (results are keyed by name): {names}"
         )
+
+
+def check_budgets(attacks: Sequence[Attack], eps_255_grid: Sequence[float] | None = None) -> None:
+    """Refuse attacks that cannot change anything: their rows would equal clean recall, labelled as an attack.
+
+    Checks the budget fields of each attack and of its parts (``image_attack``/``text_attack`` of the multimodal
+    attacks): ``eps_255``, ``steps`` and ``step_255`` of image attacks, ``max_words`` and ``top_k`` of text
+    attacks; and every ε of the grid.
+    """
+    for e in eps_255_grid or []:
+        if not float(e) > 0:
+            raise ConfigError(
+                f"robust_eval.eps_255_grid={list(eps_255_grid)}: every ε must be > 0 (an ε of {e} attacks nothing)"
+            )
+    for attack in attacks:
+        parts = [attack] + [getattr(attack, k) for k in ("image_attack", "text_attack") if hasattr(attack, k)]
+        for part in parts:
+            for key in ("eps_255", "steps", "step_255", "max_words", "top_k"):
+                value = getattr(part, key, None)
+                if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
+                    where = attack.name if part is attack else f"{attack.name} ({part.name})"
+                    raise ConfigError(
+                        f"robust_eval attack {where} has {key}={value}: it would leave its inputs unchanged and "
+                        f"report clean recall as an attack. Give {key} > 0 or remove the attack"
+                    )
 
 
 def _robust_rows(
@@ -255,6 +282,10 @@ class RobustRetrievalEval(L.Callback):
         self.export_dir = export_dir
         self.progress = progress
         self.rows: list[dict] = []
+        # What results.json says was tested; the mat CLI sets them (defaults: read from the trainer).
+        self.subcommand: str | None = None  # fit, test, validate or robust-eval
+        self.weights: str | None = None  # "start", "final", "best" or the --ckpt_path tested
+        self.resumed_from: str | None = None  # the checkpoint a resumed fit started from
         self._gallery = None  # the clean split of the last evaluation (for the W&B examples)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -264,6 +295,7 @@ class RobustRetrievalEval(L.Callback):
                 "(conf/base.yaml does; did a config override it?)"
             )
         check_distinct_names(self.attacks)  # before training, not after it
+        check_budgets(self.attacks, self.eps_255_grid)
         self._preflight(trainer, pl_module, stage)
 
     # -- fail fast: everything the evaluation needs, before the first training or attack step ------------------------
@@ -367,6 +399,13 @@ class RobustRetrievalEval(L.Callback):
 
     # -- result files ------------------------------------------------------------------------------------------------
 
+    def _weights(self, trainer: L.Trainer) -> str:
+        if self.weights is not None:
+            return str(self.weights)
+        if getattr(trainer, "ckpt_path", None):
+            return str(trainer.ckpt_path)
+        return "final" if trainer.global_step > 0 else "start"
+
     def payload(
         self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict], complete: bool
     ) -> dict:
@@ -386,6 +425,9 @@ class RobustRetrievalEval(L.Callback):
             # batch composition matters to the supervised (contrastive) attacks: negatives come from the batch
             "eval_batch_size": getattr(dm, "eval_batch_size", None),
             "checkpoint": getattr(trainer, "ckpt_path", None),
+            "weights": self._weights(trainer),
+            "subcommand": self.subcommand or (trainer.state.fn.value if trainer.state.fn else None),
+            "resumed_from": self.resumed_from,
             "seed": self.seed,
             # the attacks of the run and their eps grid: `mat report` averages only runs evaluated alike
             "attacks": {a.name: attack_config(a) for a in self.attacks},

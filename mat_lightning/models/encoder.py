@@ -6,6 +6,18 @@
 * ``encode_text(texts)``: ``list[str]`` of length ``T`` -> ``float[T, D]``; tokenisation happens inside;
 * ``logit_scale`` (the exponentiated CLIP temperature) and ``image_size`` (side in pixels).
 
+That is the whole contract for attacks and evaluation (DESIGN §4); a third-party encoder need not subclass
+``VLEncoder``. Optional parts, used only when present:
+
+* ``encode_image(images, normalize=False)``: unnormalised embeddings. Only FARE and the ``embedding_l2`` PGD
+  objective ask for it (:func:`encode_image_unnormalised`); everything else calls ``encode_image(images)``.
+* ``parameters()``, ``train(mode)``/``eval()`` and ``training`` (any ``nn.Module`` has them): attacks freeze the
+  parameters and switch to eval mode for their duration, then restore both; without them there is nothing to
+  freeze and the encoder is used as it is. Training (``MatModule``) needs an ``nn.Module`` with
+  ``vision_parameters()``/``text_parameters()``, i.e. a ``VLEncoder``.
+* ``rerank(sim, images, captions)``: fusion models (BLIP's ITM head) re-order each query's top-k of the
+  similarity matrix at evaluation (:func:`rerank_similarities`).
+
 Normalisation with the model's mean/std happens *inside* ``encode_image`` (as RobustVLM's ``ClipVisionModel`` and
 TeCoA's ``clip_img_preprocessing`` do), so every epsilon is a budget in [0, 1] pixel space, as the papers state it.
 
@@ -15,7 +27,9 @@ checkpoint file, ``local-dir:``/``hf-hub:`` schemas, or the synthetic world's ca
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,11 +59,15 @@ class VLEncoder(nn.Module, ABC):
 
     @abstractmethod
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        """``float[B, 3, H, W]`` in [0, 1] (H = W = ``image_size``) -> ``float[B, D]``."""
+        """``float[B, 3, H, W]`` in [0, 1] (H = W = ``image_size``) -> ``float[B, D]``.
+
+        ``normalize=False`` returns the embeddings before L2 normalisation (FARE's loss is on those). Callers pass
+        it only when they need it, so third-party encoders may omit the keyword (see the module docstring).
+        """
 
     @abstractmethod
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
-        """``T`` strings -> ``float[T, D]``."""
+        """``T`` strings -> ``float[T, D]`` (``normalize=False``: before L2 normalisation)."""
 
     @property
     @abstractmethod
@@ -63,6 +81,74 @@ class VLEncoder(nn.Module, ABC):
     @abstractmethod
     def text_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the text tower."""
+
+    def towers(self) -> list[nn.Module]:
+        """The submodules that do the heavy lifting (what ``--model.compile=true`` compiles); default: none."""
+        return []
+
+
+def encode_image_unnormalised(encoder: VLEncoder, images: Tensor) -> Tensor:
+    """``encoder.encode_image(images, normalize=False)``, or one clear error when the encoder has no such keyword."""
+    try:
+        params = inspect.signature(encoder.encode_image).parameters
+    except (TypeError, ValueError):  # a builtin or C extension: let the call decide
+        params = {"normalize": None}
+    if "normalize" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError(
+            f"{type(encoder).__name__}.encode_image(images) has no 'normalize' keyword, but FARE and the "
+            "embedding_l2 objective need unnormalised image embeddings: add encode_image(images, normalize=True) "
+            "to the encoder, or use another defense/objective."
+        )
+    return encoder.encode_image(images, normalize=False)
+
+
+def encoder_device(encoder: object) -> torch.device:
+    """The device of an encoder's first parameter (``encoder.device`` for duck-typed encoders without any)."""
+    parameters = getattr(encoder, "parameters", None)
+    if callable(parameters):
+        for p in parameters():
+            return p.device
+    return torch.device(getattr(encoder, "device", "cpu"))
+
+
+# Hub names mapped to local copies for this process (``local_models:`` in a config; the CLI fills it).
+LOCAL_MODELS: dict[str, str] = {}
+
+
+def local_model(name: str) -> str:
+    """``name``'s local replacement from :data:`LOCAL_MODELS`, or ``name`` itself."""
+    return LOCAL_MODELS.get(name, name)
+
+
+def hub_offline() -> bool:
+    """True when Hugging Face downloads are switched off (``HF_HUB_OFFLINE=1``, as on our machines and in tests)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def require_local_or_online(source: str, what: str, how: str, marker: str = "config.json") -> None:
+    """Fail at once, with one message, when ``source`` is a hub name but downloads are off.
+
+    Args:
+        source: a hub name or a local path.
+        what: what the weights are, for the message (``"HF CLIP weights"``).
+        how: how to give a local copy instead (the config key and the expected file or folder).
+
+    A hub name whose ``marker`` file is already in the local Hugging Face cache is allowed (loading it needs no
+    network).
+    """
+    if Path(source).exists() or not hub_offline() or _looks_like_path(source):
+        return  # a local path that does not exist is the loader's "not found", not a download
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(source, marker), str):
+            return
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+        pass
+    raise ConfigError(
+        f"{what} {source!r} must be downloaded, but HF_HUB_OFFLINE=1 (no network) and it is not in the local "
+        f"cache. {how}"
+    )
 
 
 def resolve_pretrained(spec: str | None) -> str | None:
@@ -115,6 +201,8 @@ class OpenClipEncoder(VLEncoder):
                 f"model_name={model_name!r} is not an open_clip architecture. Known tiny configs: "
                 f"{sorted(p.stem for p in CONFIG_DIR.glob('*.json'))}; full list: open_clip.list_models()."
             )
+        if hub_offline():
+            _check_open_clip_offline(model_name, resolved, cache_dir)
         try:
             self.model = open_clip.create_model(
                 model_name,
@@ -123,6 +211,10 @@ class OpenClipEncoder(VLEncoder):
                 pretrained_text=False,
             )
         except (RuntimeError, OSError, ValueError) as e:
+            from mat_lightning import world
+
+            if resolved is not None and world.is_cached(resolved):
+                raise ConfigError(world.corrupt_cache_hint(resolved)) from None
             raise ConfigError(
                 f"could not create open_clip model {model_name!r} with pretrained={pretrained!r}: {e}\n"
                 "Offline? Weights cannot be downloaded here: pass a local checkpoint file as "
@@ -247,6 +339,9 @@ class OpenClipEncoder(VLEncoder):
         vision = {id(p) for p in self.model.visual.parameters()}
         return (p for n, p in self.model.named_parameters() if id(p) not in vision and n != "logit_scale")
 
+    def towers(self) -> list[nn.Module]:
+        return [m for m in (self.model.visual, getattr(self.model, "transformer", None)) if m is not None]
+
 
 def load_vision_checkpoint(visual: nn.Module, path: str) -> None:
     """Load image-tower weights strictly (open_clip's own loader only warns on a missing file or wrong keys).
@@ -280,6 +375,40 @@ def load_vision_checkpoint(visual: nn.Module, path: str) -> None:
             f"vision_checkpoint={path!r} does not fit this model's image tower: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is model_name right?"
         )
+
+
+def _check_open_clip_offline(model_name: str, pretrained: str | None, cache_dir: str | None) -> None:
+    """With downloads off, fail before building the model when the weights are neither local nor cached."""
+    how = (
+        "Give a local file instead: --model.encoder.init_args.pretrained=/path/to/open_clip_pytorch_model.bin "
+        "(any CLIP state dict), or a folder with open_clip_config.json + weights as "
+        "--model.encoder.init_args.model_name=local-dir:/path/to/folder (pretrained: null)."
+    )
+    if model_name.startswith("hf-hub:"):
+        require_local_or_online(
+            model_name.removeprefix("hf-hub:"), "open_clip model", how, "open_clip_config.json"
+        )
+        return
+    if pretrained is None or not _looks_like_tag(pretrained) or model_name.startswith("local-dir:"):
+        return
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        raise ConfigError(
+            f"pretrained={pretrained!r} is not an open_clip tag of {model_name!r} "
+            f"(known: {open_clip.list_pretrained_tags_by_model(model_name)}). {how}"
+        )
+    try:  # offline this only looks in the cache: it returns at once
+        open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    except Exception:  # noqa: BLE001 - every failure here means "not cached"
+        raise ConfigError(
+            f"open_clip weights {model_name}/{pretrained} must be downloaded, but HF_HUB_OFFLINE=1 (no network) and "
+            f"they are not in the local cache. {how}"
+        ) from None
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything absolute, relative-dotted or deeper is a path."""
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
 
 
 def _looks_like_tag(spec: str) -> bool:

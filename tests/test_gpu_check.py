@@ -1,0 +1,34 @@
+"""`make gpu-check` runs end to end on the CPU with the tiny architecture (the GPU run differs only in size)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_gpu_check_measures_every_stage_and_projects_the_grid(tmp_path, capsys):
+    from benchmarks.gpu_check import FLICKR_EPOCHS, FLICKR_TRAIN_IMAGES, TRAINED_DEFENSES, main
+
+    result = main(["--tiny", "--batch", "8", "--eval-images", "8", "--steps", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "PROJECTION" in out and "images/s" in out
+    rates = result["images_per_second"]
+    assert set(rates) == {
+        "train_clean",
+        "train_mat",
+        "eval_clean",
+        "eval_pgd",
+        "eval_bert_attack",
+        "eval_sga",
+    }
+    assert all(r > 0 for r in rates.values())
+    hours = result["projected_hours"]
+    assert set(hours) == {*TRAINED_DEFENSES, "zeroshot"}
+    # the projection is the measured rates times the grid's work
+    train_mat = FLICKR_EPOCHS * FLICKR_TRAIN_IMAGES / rates["train_mat"] / 3600
+    assert hours["mat"] - hours["zeroshot"] == pytest.approx(
+        train_mat + 10 * 1000 / rates["eval_clean"] / 3600
+    )
+    assert result["projected_total_hours"] == pytest.approx(sum(hours.values()))
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["model"] == "mat-tiny"
