@@ -13,6 +13,11 @@ evaluation of the 1,000 test images with 5 attacks, plus the zero-shot evaluatio
 rates times work; they ignore data loading (decode with DataLoader workers to keep up), per-defense differences in
 attack cost beyond the two training rates measured, and warm-up. ``--tiny`` runs the same code with the tiny
 synthetic-world architecture (what the test suite does on the CPU). Results also go to ``runs/gpu_check/``.
+
+``--assume-tflops T`` is for machines without a GPU: every stage runs (on the CPU, small ``--batch`` and
+``--eval-images`` suffice) under torch's ``FlopCounterMode``, and its rate becomes ``T * 1e12 / FLOPs per image``:
+a projection from counted FLOPs at an assumed sustained throughput, which ignores host-side work (tokenising, the
+text attack's Python) and memory-bound kernels, so it is a lower bound on the wall time.
 """
 
 from __future__ import annotations
@@ -74,6 +79,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def counted_rate(fn, n_images: int, tflops: float) -> float:
+    """Images/s of ``fn`` (a stage over ``n_images`` images) from its FLOPs at ``tflops`` sustained."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return tflops * 1e12 * n_images / max(counter.get_total_flops(), 1)
+
+
 def train_rate(encoder, defense, images, captions, device, precision: str, steps: int) -> float:
     """Images per second of ``steps`` optimiser steps (after one untimed warm-up step)."""
     from mat_lightning.data.datamodule import RetrievalBatch
@@ -112,6 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json")
+    parser.add_argument(
+        "--assume-tflops",
+        type=float,
+        default=None,
+        help="no GPU: count FLOPs per stage and project rates at this sustained TFLOP/s (module docstring)",
+    )
     args = parser.parse_args(argv)
 
     from mat_lightning.attacks import PGD, SGA, BertAttack
@@ -124,6 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_start = time.perf_counter()
+    if args.assume_tflops is not None:
+        print(
+            f"FLOP-COUNT MODE: rates are counted FLOPs at an assumed {args.assume_tflops:g} TFLOP/s, not timings"
+        )
     torch.manual_seed(0)
     rng = random.Random(0)
     model_name = "mat-tiny" if args.tiny else "ViT-B-16"
@@ -146,9 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
         ("train_clean", Clean()),
         ("train_mat", MAT(text_attack=text_attack, image_attack=PGD(eps_255=2, steps=2, step_255=1))),
     ):
-        rates[name] = train_rate(
-            encoder, defense, train_images, train_captions, device, args.precision, args.steps
-        )
+
+        def run(d=defense) -> float:
+            return train_rate(encoder, d, train_images, train_captions, device, args.precision, args.steps)
+
+        tflops = args.assume_tflops
+        rates[name] = run() if tflops is None else counted_rate(run, args.batch * (args.steps + 1), tflops)
         print(f"  {name:<18} {rates[name]:9.1f} images/s  (batch {args.batch})")
 
     # 2. robust evaluation of generated images
@@ -171,9 +198,22 @@ def main(argv: list[str] | None = None) -> dict:
         BertAttack(mlm=mlm, top_k=10, max_words=1),
         SGA(PGD(eps_255=2, steps=10, step_255=0.5), BertAttack(mlm=mlm, top_k=10, max_words=1)),
     ]
-    rows = robust_retrieval(encoder, loader, attacks, device=device, progress=False)
+    if args.assume_tflops is None:
+        rows = robust_retrieval(encoder, loader, attacks, device=device, progress=False)
+        for row in rows:
+            rates[f"eval_{row['attack']}"] = n / max(row["seconds"], 1e-9)
+    else:  # one attack at a time, its clean pass's FLOPs subtracted
+
+        def evaluate(attack_list) -> None:
+            robust_retrieval(encoder, loader, attack_list, device=device, progress=False)
+
+        clean = counted_rate(lambda: evaluate([]), n, args.assume_tflops)
+        rates["eval_clean"] = clean
+        for attack in attacks:
+            both = counted_rate(lambda a=attack: evaluate([a]), n, args.assume_tflops)
+            rates[f"eval_{attack.name}"] = 1 / max(1 / both - 1 / clean, 1e-12)
+        rows = [{"attack": name[len("eval_") :]} for name in rates if name.startswith("eval_")]
     for row in rows:
-        rates[f"eval_{row['attack']}"] = n / max(row["seconds"], 1e-9)
         print(
             f"  eval_{row['attack']:<13} {rates['eval_' + row['attack']]:9.1f} images/s  ({n} images x 5 captions)"
         )
@@ -194,7 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
         per_experiment[defense] = FLICKR_EPOCHS * FLICKR_TRAIN_IMAGES / rate + val_seconds + eval_seconds
     per_experiment["zeroshot"] = eval_seconds
     total_hours = sum(per_experiment.values()) / 3600
-    print("PROJECTION (rates x work, not a measured run) of the Flickr30K grid on this machine:")
+    basis = (
+        "this machine" if args.assume_tflops is None else f"{args.assume_tflops:g} TFLOP/s from FLOP counts"
+    )
+    print(f"PROJECTION (rates x work, not a measured run) of the Flickr30K grid at {basis}:")
     for name, seconds in per_experiment.items():
         print(f"  flickr30k_clip_b16_{name:<9} {seconds / 3600:7.2f} h")
     print(f"  total                         {total_hours:7.2f} h   (flickr30k_blip_zeroshot not included)")
@@ -205,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "model": model_name,
         "precision": args.precision,
+        "assumed_tflops": args.assume_tflops,
         "batch": args.batch,
         "eval_images": n,
         "images_per_second": rates,

@@ -32,3 +32,17 @@ def test_gpu_check_measures_every_stage_and_projects_the_grid(tmp_path, capsys):
     )
     assert result["projected_total_hours"] == pytest.approx(sum(hours.values()))
     assert json.loads((tmp_path / "gpu_check.json").read_text())["model"] == "mat-tiny"
+
+
+def test_gpu_check_without_a_gpu_projects_from_counted_flops(tmp_path, capsys):
+    """--assume-tflops: rates from FLOP counts; more work per image (attacks) means a lower rate."""
+    from benchmarks.gpu_check import main
+
+    args = ["--tiny", "--batch", "4", "--eval-images", "4", "--steps", "1", "--out", str(tmp_path)]
+    result = main([*args, "--assume-tflops", "100"])
+    assert "FLOP-COUNT MODE" in capsys.readouterr().out
+    assert result["assumed_tflops"] == 100
+    rates = result["images_per_second"]
+    assert rates["train_mat"] < rates["train_clean"]
+    assert rates["eval_sga"] < rates["eval_pgd"] < rates["eval_clean"]
+    assert rates["eval_bert_attack"] < rates["eval_clean"]
