@@ -35,6 +35,11 @@ def _bert_tokenizer(folder: Path):
     return tok
 
 
+def _tiny_tower(**extra) -> dict:
+    """One transformer layer, 32 wide: the smallest tower HF's CLIP and BLIP configs accept."""
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **extra)
+
+
 @pytest.fixture(scope="module")
 def hf_clip_dir(tmp_path_factory, tiny_world) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -43,24 +48,13 @@ def hf_clip_dir(tmp_path_factory, tiny_world) -> Path:
     tok = _bert_tokenizer(folder)
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(
+        text_config=_tiny_tower(
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
             max_position_embeddings=40,
             eos_token_id=tok.sep_token_id,
             pad_token_id=tok.pad_token_id,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=_tiny_tower(image_size=32, patch_size=8),
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(folder)
@@ -78,24 +72,13 @@ def blip_dir(tmp_path_factory, tiny_world) -> Path:
     tok = _bert_tokenizer(folder)
     torch.manual_seed(0)
     config = BlipConfig(
-        text_config=dict(
+        text_config=_tiny_tower(
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
             encoder_hidden_size=32,
             max_position_embeddings=40,
             pad_token_id=tok.pad_token_id,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=_tiny_tower(image_size=32, patch_size=8),
         image_text_hidden_size=16,
     )
     BlipForImageTextRetrieval(config).save_pretrained(folder)
