@@ -529,13 +529,14 @@ def base_size_models(mlm_folder: Path):
 def world_rows(tiny) -> dict:
     """The rows on the synthetic world (tiny CLIP and its MLM): the MAT step against its floor (batch 128 of the
     train split) and BertAttack vs TextAttack's components (50 test images, one caption each)."""
-    from mat_lightning import world
     from mat_lightning.attacks.bert_attack import load_mlm
+    from mat_lightning.synthetic import ensure_mlm, load_split
 
-    images, caps = world.load_split("default", "train")
-    mat = bench_mat_step(tiny, images[:128].float() / 255, [c[0] for c in caps[:128]], "synthetic", reps=5)
-    images, caps = world.load_split("default", "test")
-    mlm, tok = load_mlm("synthetic")
+    mlm_folder = str(ensure_mlm("default"))
+    images, caps = load_split("default", "train")
+    mat = bench_mat_step(tiny, images[:128].float() / 255, [c[0] for c in caps[:128]], mlm_folder, reps=5)
+    images, caps = load_split("default", "test")
+    mlm, tok = load_mlm(mlm_folder)
     ta = bench_textattack(tiny.eval(), mlm, tok, images[:50].float() / 255, [c[0] for c in caps[:50]], reps=2)
     return {"mat_step_tiny": mat, "textattack_tiny": ta}
 
@@ -552,14 +553,14 @@ def write_results(results: dict) -> Path:
 def main() -> None:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mat_lightning import world
+    from mat_lightning import synthetic
     from mat_lightning.models.encoder import OpenClipEncoder
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     quick = os.environ.get("BENCH_QUICK") == "1"
     results: dict = {"torch_threads": torch.get_num_threads()}
-    tiny = OpenClipEncoder("mat-tiny", pretrained=str(world.ensure_clip("default"))).eval()
+    tiny = OpenClipEncoder("mat-tiny", pretrained=str(synthetic.ensure_clip("default"))).eval()
     if "--world-rows" in sys.argv:  # only the synthetic-world rows, merged into an existing bench.json
         previous = REPO / "runs" / "bench" / "bench.json"
         results = {
@@ -582,11 +583,13 @@ def main() -> None:
     del base_encoder, base_mlm
     print(json.dumps(results, indent=2), flush=True)
 
-    images, caps = world.load_split("default", "test")
+    images, caps = synthetic.load_split("default", "test")
     x = images[:32].float() / 255
     sel = [c for cs in caps[:32] for c in cs]
     t2i = torch.tensor([i for i, cs in enumerate(caps[:32]) for _ in cs])
-    results["sga_vs_pgd_tiny"] = bench_sga_vs_pgd(tiny, x, sel, t2i, "synthetic", reps=3)
+    results["sga_vs_pgd_tiny"] = bench_sga_vs_pgd(
+        tiny, x, sel, t2i, str(synthetic.ensure_mlm("default")), reps=3
+    )
     results.update(world_rows(tiny))
     results["recall_coco_size"] = bench_recall(reps=3)
     results["robust_eval_ddp_cpu"] = bench_ddp_robust_eval()

@@ -26,25 +26,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from mat_lightning import world
+    from mat_lightning import synthetic
     from mat_lightning.attacks import BertAttack
-    from mat_lightning.data import synthetic as S
     from mat_lightning.eval.retrieval import recall_at_k
     from mat_lightning.models.encoder import OpenClipEncoder
+    from mat_lightning.synthetic import classic as S
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--ckpt", default=None, help="a MatModule checkpoint (default: the pretrained tiny CLIP)"
     )
-    parser.add_argument("--preset", default="default")
+    parser.add_argument("--preset", default="default", help="a preset of the classic generator")
     args = parser.parse_args()
-    encoder = OpenClipEncoder("mat-tiny", pretrained=str(world.ensure_clip(args.preset))).eval()
+    generator = synthetic.preset(args.preset).world.generator
+    if generator != "classic":  # the flips below use the classic vocabulary
+        raise SystemExit(
+            f"--preset {args.preset}: a {generator!r} world; this diagnosis reads the classic one's words"
+        )
+    encoder = OpenClipEncoder("mat-tiny", pretrained=str(synthetic.ensure_clip(args.preset))).eval()
     if args.ckpt:
         state = torch.load(args.ckpt, map_location="cpu", weights_only=True)["state_dict"]
         encoder.load_state_dict(
             {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
         )
-    images, caps = world.load_split(args.preset, "test")
+    images, caps = synthetic.load_split(args.preset, "test")
     x = images.float() / 255
     flat = [c for cs in caps for c in cs]
     txt2img = torch.tensor([i for i, cs in enumerate(caps) for _ in cs])
@@ -73,8 +78,9 @@ def main() -> None:
         for kind in ("colour", "shape"):
             rng = random.Random(0)
             out[f"one_random_{kind}_flip"] = recall([flip(c, kind, rng) for c in flat])
-    mlm = "synthetic" if args.preset == "default" else f"synthetic:{args.preset}"
-    adv = BertAttack(mlm=mlm).perturb(encoder, flat, txt2img, "image_cosine", img)
+    adv = BertAttack(mlm=str(synthetic.ensure_mlm(args.preset))).perturb(
+        encoder, flat, txt2img, "image_cosine", img
+    )
     kinds: Counter[str] = Counter()
     for before, after in zip(flat, adv, strict=True):
         for a, b in zip(before.split(" "), after.split(" "), strict=True):

@@ -54,6 +54,7 @@ from mat_lightning.faults import (
 from mat_lightning.logging import SaveConfigToWandb
 from mat_lightning.models.encoder import LOCAL_MODELS
 from mat_lightning.module import NOT_A_MAT_CHECKPOINT, MatModule
+from mat_lightning.synthetic import resolve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "conf" / "base.yaml"
@@ -146,8 +147,6 @@ class MatCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        LOCAL_MODELS.clear()  # before the encoder and the attacks are built
-        LOCAL_MODELS.update(cfg.get("local_models") or {})
         allow_tf32()
         run_dir = cfg.trainer.default_root_dir or agreed_run_dir(Path(cfg.run_root) / cfg.experiment)
         cfg.trainer.default_root_dir = self.run_dir = run_dir
@@ -173,6 +172,20 @@ class MatCLI(LightningCLI):
             ):
                 cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")
         rank_zero_info(f"run folder: {run_dir}")
+        # Synthetic-world names -> asset paths, in a copy: the classes are built from it, while the saved
+        # config.yaml keeps the names (it re-runs elsewhere, building the assets there).
+        self.resolved_config = self.config.clone()
+        resolved = resolve_config(self.resolved_config[self.subcommand])
+        LOCAL_MODELS.clear()  # before the encoder and the attacks are built
+        LOCAL_MODELS.update(resolved.get("local_models") or {})
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, from the resolved copy of the config (:meth:`before_instantiate_classes`)."""
+        self.config_init = self.parser.instantiate_classes(self.resolved_config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+        self.trainer = self.instantiate_trainer()
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -522,7 +535,7 @@ def _main(argv: list[str], from_command_line: bool) -> None:
     if argv[:2] == ["data", "check"]:
         from mat_lightning.data.check import main as data_check
 
-        data_check(argv[2:])
+        data_check(argv[2:], resolve=resolve_config)
         return
     if argv[:1] == ["augment"]:
         from mat_lightning.data.augment.generate import main as augment

@@ -14,3 +14,23 @@ class ConfigError(MatError, ValueError):
 
 class DataError(MatError, ValueError):
     """A data set file, folder, entry or image is missing or malformed."""
+
+
+def is_synthetic_name(value: object) -> bool:
+    """Whether ``value`` is a synthetic-world name (``synthetic``, ``synthetic:<...>``) rather than a path or hub
+    name. Only the ``mat`` CLI turns these into paths (:func:`mat_lightning.synthetic.resolve_config`)."""
+    return isinstance(value, str) and (value == "synthetic" or value.startswith("synthetic:"))
+
+
+def unresolved_synthetic_name(what: str, value: str, helper: str) -> ConfigError:
+    """The error of a layer below the synthetic world that was handed a synthetic-world name instead of a path.
+
+    Args:
+        what: the setting, e.g. ``"BertAttack mlm"``.
+        value: the name it got.
+        helper: the call that gives the path from Python, e.g. ``"ensure_mlm('tiny')"``.
+    """
+    return ConfigError(
+        f"{what}={value!r}: synthetic-world names are resolved to paths by the mat CLI; from Python, pass "
+        f"mat_lightning.synthetic.{helper} (or run mat_lightning.synthetic.resolve_config on a parsed config)"
+    )

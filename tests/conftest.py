@@ -22,16 +22,30 @@ FLICKR_TEST = SHARED_DATA / "flickr30k" / "flickr30k_test.json"
 @pytest.fixture(scope="session")
 def tiny_world() -> Path:
     """Annotation file of the 'tiny' synthetic world (384/32/32 images)."""
-    from mat_lightning import world
+    from mat_lightning import synthetic
 
-    return world.ensure_world("tiny")
+    return synthetic.ensure_world("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_world) -> dict:
+    """RetrievalDataModule arguments of the tiny world, as the mat CLI resolves ``--data.world=tiny``."""
+    return {"dataset": "synthetic", "world": "tiny", "annotations": str(tiny_world)}
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_path(tiny_world) -> Path:
-    from mat_lightning import world
+    from mat_lightning import synthetic
 
-    return world.ensure_clip("tiny")
+    return synthetic.ensure_clip("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm(tiny_world) -> str:
+    """Folder of the tiny world's masked LM (what ``mlm: synthetic:tiny`` resolves to)."""
+    from mat_lightning import synthetic
+
+    return str(synthetic.ensure_mlm("tiny"))
 
 
 @pytest.fixture()
@@ -53,9 +67,9 @@ def random_encoder():
 @pytest.fixture(scope="session")
 def tiny_test_split(tiny_world):
     """(uint8 images [32, 3, 64, 64], caption lists) of the tiny world's test split."""
-    from mat_lightning import world
+    from mat_lightning import synthetic
 
-    return world.load_split("tiny", "test")
+    return synthetic.load_split("tiny", "test")
 
 
 @pytest.fixture(scope="session")

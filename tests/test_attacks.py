@@ -11,8 +11,12 @@ import mat_lightning.attacks as A
 from mat_lightning.attacks.bert_attack import BertAttack
 from mat_lightning.errors import ConfigError
 from mat_lightning.eval.retrieval import recall_at_k
+from mat_lightning.synthetic import ensure_mlm
 
-TINY_MLM = "synthetic:tiny"
+
+def tiny_mlm() -> str:
+    """The tiny world's masked LM folder (what ``mlm: synthetic:tiny`` resolves to)."""
+    return str(ensure_mlm("tiny"))
 
 
 def n_changed_words(before: str, after: str) -> int:
@@ -39,10 +43,10 @@ def one_substitution(before: str, after: str) -> tuple[str, str] | None:
 
 def make(name: str, **kw):
     """A small-budget instance of each registered attack, wired to the tiny world's MLM."""
-    bert = lambda: BertAttack(mlm=TINY_MLM, top_k=5)  # noqa: E731
+    bert = lambda: BertAttack(mlm=tiny_mlm(), top_k=5)  # noqa: E731
     return {
         "PGD": lambda: A.PGD(eps_255=2, steps=5, step_255=0.5, **kw),
-        "BertAttack": lambda: BertAttack(mlm=TINY_MLM, top_k=5, **kw),
+        "BertAttack": lambda: BertAttack(mlm=tiny_mlm(), top_k=5, **kw),
         "SepAttack": lambda: A.SepAttack(A.PGD(eps_255=2, steps=5, step_255=0.5), bert(), **kw),
         "CoAttack": lambda: A.CoAttack(A.PGD(eps_255=2, steps=5, step_255=0.5), bert(), **kw),
         "SGA": lambda: A.SGA(A.PGD(eps_255=2, steps=5, step_255=0.5), bert(), **kw),
@@ -121,7 +125,7 @@ def test_multimodal_at_least_as_strong_as_its_unimodal_parts(tiny_encoder, data)
         return recall(tiny_encoder, out.images, out.captions, txt2img)["r_mean"]
 
     pgd = lambda objective: A.PGD(eps_255=2, steps=5, step_255=0.5, objective=objective)  # noqa: E731
-    bert = lambda objective: BertAttack(mlm=TINY_MLM, top_k=5, objective=objective)  # noqa: E731
+    bert = lambda objective: BertAttack(mlm=tiny_mlm(), top_k=5, objective=objective)  # noqa: E731
     cases = {
         "sep_attack": (
             A.SepAttack(pgd("contrastive"), bert("image_cosine")),
@@ -174,10 +178,10 @@ def test_pgd_l2_and_grid(tiny_encoder, data):
 
 
 def test_eps_grid_of_multimodal_attacks_changes_only_the_image_budget():
-    sga = A.SGA(A.PGD(eps_255=2), BertAttack(mlm=TINY_MLM))
+    sga = A.SGA(A.PGD(eps_255=2), BertAttack(mlm=tiny_mlm()))
     wide = sga.with_eps(4)
-    assert wide.eps_255 == 4 and sga.eps_255 == 2 and wide.text_attack.mlm == TINY_MLM
-    assert BertAttack(mlm=TINY_MLM).with_eps(8).eps_255 is None
+    assert wide.eps_255 == 4 and sga.eps_255 == 2 and wide.text_attack.mlm == tiny_mlm()
+    assert BertAttack(mlm=tiny_mlm()).with_eps(8).eps_255 is None
 
 
 # -- BERT-Attack specifics ----------------------------------------------------------------------------------------------
@@ -349,7 +353,7 @@ def test_co_attack_objective_and_sga_guidance_order(tiny_encoder, data, monkeypa
         txt2img[txt2img < 4],
     )
     # Co-Attack: capture the image objective and check it against the formula on fixed embeddings.
-    co = A.CoAttack(A.PGD(eps_255=2, steps=1), BertAttack(mlm=TINY_MLM, top_k=3), alpha=3.0)
+    co = A.CoAttack(A.PGD(eps_255=2, steps=1), BertAttack(mlm=tiny_mlm(), top_k=3), alpha=3.0)
     seen = {}
 
     def spy_perturb(encoder, images, objective, guidance, normalize=True, views=None):
@@ -369,7 +373,7 @@ def test_co_attack_objective_and_sga_guidance_order(tiny_encoder, data, monkeypa
     torch.testing.assert_close(seen["objective"](adv, g), expected, rtol=1e-5, atol=1e-6)
 
     # SGA: text guided by the clean image, image guided by those captions, text again from the originals.
-    sga = A.SGA(A.PGD(eps_255=2, steps=2), BertAttack(mlm=TINY_MLM, top_k=3))
+    sga = A.SGA(A.PGD(eps_255=2, steps=2), BertAttack(mlm=tiny_mlm(), top_k=3))
     calls = []
     original = sga.text_attack.perturb
 
@@ -494,7 +498,7 @@ def test_attacks_and_recall_under_bf16_autocast(tiny_encoder, data):
     pgd = A.PGD(eps_255=4, steps=3, step_255=1, objective="caption_cosine")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         adv = pgd.clone()(tiny_encoder, x, captions, txt2img).images
-        adv_captions = BertAttack(mlm=TINY_MLM, top_k=5)(tiny_encoder, x, captions, txt2img).captions
+        adv_captions = BertAttack(mlm=tiny_mlm(), top_k=5)(tiny_encoder, x, captions, txt2img).captions
         with torch.no_grad():
             img, txt = tiny_encoder.encode_image(x), tiny_encoder.encode_text(captions)
             adv_img = tiny_encoder.encode_image(adv)

@@ -7,6 +7,7 @@ import json
 import pickle
 import random
 from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -14,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mat_lightning import world
+from mat_lightning import synthetic
 from mat_lightning.data.augment import EDA, ImageAugment, OneToMany, PrecomputedCaptions, PrecomputedImages
 from mat_lightning.data.augment.eda import _split_punct
 from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.data.formats import read_annotations
-from mat_lightning.data.synthetic import COLOURS, Scene, thesaurus
 from mat_lightning.errors import ConfigError, DataError
+from mat_lightning.synthetic.classic import COLOURS, Scene, thesaurus
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,19 @@ def train_captions(tiny_world) -> list[str]:
     return [c for r in read_annotations(tiny_world, None, "train")[:60] for c in r.captions]
 
 
+def world_eda(**kw) -> EDA:
+    """EDA with the tiny world's thesaurus (what ``thesaurus: synthetic`` resolves to in a mat config)."""
+    return EDA(**{"thesaurus": str(synthetic.ensure_thesaurus("tiny")), **kw})
+
+
 def only(**rates) -> EDA:
     """EDA with just the given operations enabled."""
-    return EDA(**{"alpha_sr": 0.0, "alpha_ri": 0.0, "alpha_rs": 0.0, "p_rd": 0.0, **rates})
+    return world_eda(**{"alpha_sr": 0.0, "alpha_ri": 0.0, "alpha_rs": 0.0, "p_rd": 0.0, **rates})
+
+
+def augmentation(kind: str) -> str:
+    """The tiny world's precomputed ``kind`` file (what ``synthetic:<kind>`` resolves to in a mat config)."""
+    return str(synthetic.ensure_augmentations("tiny") / f"{kind}.json")
 
 
 # -- EDA ----------------------------------------------------------------------------------------------------------------
@@ -38,7 +49,7 @@ def only(**rates) -> EDA:
 
 def test_eda_never_returns_an_empty_caption(train_captions):
     captions = ["dog", "red", "a circle", "the the the", *train_captions[:20]]
-    for eda in (EDA(), only(p_rd=1.0), EDA(alpha_sr=1.0, alpha_ri=1.0, alpha_rs=1.0, p_rd=1.0)):
+    for eda in (world_eda(), only(p_rd=1.0), world_eda(alpha_sr=1.0, alpha_ri=1.0, alpha_rs=1.0, p_rd=1.0)):
         for seed in range(200):
             rng = random.Random(seed)
             for caption in captions:
@@ -109,7 +120,7 @@ def test_random_deletion_rate():
 
 def test_eda_uses_each_enabled_operation(train_captions):
     """One op per sentence, chosen uniformly: SR keeps the length, RI lengthens, RD shortens (mostly)."""
-    eda = EDA(alpha_sr=0.2, alpha_ri=0.2, alpha_rs=0.0, p_rd=0.3)
+    eda = world_eda(alpha_sr=0.2, alpha_ri=0.2, alpha_rs=0.0, p_rd=0.3)
     caption = train_captions[0]
     rng = random.Random(0)
     lengths = Counter(np.sign(len(eda(caption, rng).split()) - len(caption.split())) for _ in range(600))
@@ -249,13 +260,14 @@ def test_precomputed_images_resolve_paths_and_fail_clearly(tmp_path):
         source.image_paths("x/3.jpg")
 
 
-def test_synthetic_paths_are_checked():
-    with pytest.raises(ConfigError, match=r"kind in \['rewrite', 'i2t'\]"):
-        PrecomputedCaptions("synthetic:t2i")
-    with pytest.raises(ConfigError, match=r"kind in \['t2i'\]"):
-        PrecomputedImages("synthetic:i2t")
-    with pytest.raises(ConfigError, match="preset 'huge'"):
-        PrecomputedCaptions("synthetic:i2t:huge").resolve()
+def test_unresolved_synthetic_names_are_errors():
+    # The mat CLI resolves them (tests/test_resolve.py); below the synthetic package they are a clear error.
+    with pytest.raises(ConfigError, match=r"synthetic-world names are resolved to paths by the mat CLI"):
+        PrecomputedCaptions("synthetic:i2t")
+    with pytest.raises(ConfigError, match=r"ensure_augmentations\(<preset>\) / 't2i.json'"):
+        PrecomputedImages("synthetic:t2i")
+    with pytest.raises(ConfigError, match=r"ensure_thesaurus"):
+        EDA()  # the default thesaurus, synthetic, is the CLI's to resolve
 
 
 # -- the synthetic world's simulated generators -------------------------------------------------------------------------
@@ -271,13 +283,13 @@ def _palette_colours(image: np.ndarray, min_pixels: int = 10) -> set[str]:
 
 
 def test_world_augmentations_cover_the_train_split(tiny_world):
-    root = world.ensure_augmentations("tiny")
-    assert world.ensure_augmentations("tiny") == root  # cached
+    root = synthetic.ensure_augmentations("tiny")
+    assert synthetic.ensure_augmentations("tiny") == root  # cached
     records = read_annotations(tiny_world, None, "train")
     ids = [r.image_id for r in records]
     files = {kind: json.loads((root / f"{kind}.json").read_text()) for kind in ("rewrite", "i2t", "t2i")}
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["world_digest"] == world.preset("tiny").world.digest()
+    assert manifest["world_digest"] == synthetic.preset("tiny").world.digest()
     for kind, n in (("rewrite", 5), ("i2t", 5), ("t2i", 2)):
         assert sorted(files[kind]) == sorted(ids)
         assert all(len(v) == n and all(isinstance(s, str) and s for s in v) for v in files[kind].values())
@@ -303,19 +315,22 @@ def test_world_augmentations_cover_the_train_split(tiny_world):
 
 def make_dm(one_to_many, **kw):
     kw = {"world": "tiny", "image_size": 64, "batch_size": 16, "captions_per_image": 6, **kw}
-    dm = RetrievalDataModule(one_to_many=one_to_many, **kw)
+    dm = RetrievalDataModule(one_to_many=one_to_many, annotations=str(synthetic.ensure_world("tiny")), **kw)
     dm.prepare_data()
     dm.setup("fit")
     return dm
 
 
 def provider_captions(kind: str) -> dict[str, list[str]]:
-    return json.loads((world.ensure_augmentations("tiny") / f"{kind}.json").read_text())
+    return json.loads(Path(augmentation(kind)).read_text())
 
 
 def test_train_batches_sample_k_positives_from_the_pool(tiny_world):
     o2m = OneToMany(
-        caption_sources=[PrecomputedCaptions("synthetic:i2t"), PrecomputedCaptions("synthetic:rewrite")],
+        caption_sources=[
+            PrecomputedCaptions(augmentation("i2t")),
+            PrecomputedCaptions(augmentation("rewrite")),
+        ],
         eda=only(alpha_rs=0.3),
     )
     dm = make_dm(o2m)
@@ -344,7 +359,7 @@ def test_train_batches_sample_k_positives_from_the_pool(tiny_world):
 
 def test_without_ground_truth_only_source_captions_are_positives(tiny_world):
     dm = make_dm(
-        OneToMany([PrecomputedCaptions("synthetic:i2t")], keep_ground_truth=False), captions_per_image=3
+        OneToMany([PrecomputedCaptions(augmentation("i2t"))], keep_ground_truth=False), captions_per_image=3
     )
     i2t = provider_captions("i2t")
     batch = next(iter(dm.train_dataloader()))
@@ -354,9 +369,9 @@ def test_without_ground_truth_only_source_captions_are_positives(tiny_world):
 
 
 def test_generated_images_replace_the_originals(tiny_world):
-    dm = make_dm(OneToMany(image_sources=[PrecomputedImages("synthetic:t2i")], p_image_source=1.0))
-    t2i = json.loads((world.ensure_augmentations("tiny") / "t2i.json").read_text())
-    root = world.ensure_augmentations("tiny")
+    dm = make_dm(OneToMany(image_sources=[PrecomputedImages(augmentation("t2i"))], p_image_source=1.0))
+    t2i = json.loads(Path(augmentation("t2i")).read_text())
+    root = synthetic.ensure_augmentations("tiny")
     batch = next(iter(dm.train_dataloader()))
     assert batch.images.dtype == torch.float32 and 0 <= batch.images.min() and batch.images.max() <= 1
     records = dm.read_split("train")
@@ -373,9 +388,9 @@ def test_generated_images_replace_the_originals(tiny_world):
 def test_augmented_batches_are_reproducible_under_seed(tiny_world):
     def first_batch(seed: int):
         o2m = OneToMany(
-            caption_sources=[PrecomputedCaptions("synthetic:rewrite")],
-            eda=EDA(),
-            image_sources=[PrecomputedImages("synthetic:t2i")],
+            caption_sources=[PrecomputedCaptions(augmentation("rewrite"))],
+            eda=world_eda(),
+            image_sources=[PrecomputedImages(augmentation("t2i"))],
             image_augment=ImageAugment(),
         )
         dm = make_dm(o2m, captions_per_image=4)
@@ -406,8 +421,6 @@ def test_sources_are_checked_at_setup(tiny_world, tmp_path):
     dm = make_dm(OneToMany([PrecomputedCaptions(str(partial), strict=False)], keep_ground_truth=False))
     with pytest.raises(DataError, match=rf"image '{records[20].image_id}' .* has no caption to train with"):
         dm.one_to_many.caption_pool(20, random.Random(0))
-    with pytest.raises(ConfigError, match="names world preset 'default', but data.world='tiny'"):
-        make_dm(OneToMany([PrecomputedCaptions("synthetic:i2t:default")]))
     with pytest.raises(ConfigError, match="no caption_sources and no eda"):
         OneToMany(keep_ground_truth=False)
     with pytest.raises(ConfigError, match="p_image_source=1.5"):
@@ -416,6 +429,8 @@ def test_sources_are_checked_at_setup(tiny_world, tmp_path):
 
 def test_one_to_many_from_yaml_and_pickles(tiny_world):
     from jsonargparse import ArgumentParser
+
+    from mat_lightning.synthetic import resolve_config
 
     parser = ArgumentParser()
     parser.add_class_arguments(RetrievalDataModule, "data")
@@ -437,10 +452,11 @@ data:
       p_image_source: 0.3
 """
     )
-    dm = parser.instantiate(cfg).data
+    dm = parser.instantiate(resolve_config(cfg)).data  # as the mat CLI does: synthetic names -> files
     o2m = dm.one_to_many
     assert isinstance(o2m, OneToMany) and o2m.p_image_source == 0.3 and o2m.eda.alpha_sr == 0.2
-    assert o2m.image_augment.p_flip == 0.0 and o2m.caption_sources[0].spec == "synthetic:i2t"
+    assert o2m.image_augment.p_flip == 0.0 and o2m.caption_sources[0].spec == augmentation("i2t")
+    assert o2m.eda.thesaurus_name == str(synthetic.ensure_thesaurus("tiny"))
     assert "one_to_many" not in dm.hparams
     dm.prepare_data()
     dm.setup("fit")

@@ -349,11 +349,11 @@ def test_read_only_cache_folder(tmp_path, capfd, monkeypatch):
 
 
 def test_corrupt_cached_clip_names_the_file(tmp_path, capfd, monkeypatch, tiny_clip_path):
-    from mat_lightning import world
+    from mat_lightning.synthetic.assets import world_dir
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    shared = world.world_dir("tiny")
+    shared = world_dir("tiny")
     (cache / shared.name).symlink_to(shared)  # the world itself is fine (and shared, read-only here)
     (cache / tiny_clip_path.name).write_bytes(tiny_clip_path.read_bytes()[:1000])
     monkeypatch.setenv("MAT_CACHE_DIR", str(cache))

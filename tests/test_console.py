@@ -20,6 +20,7 @@ from mat_lightning.eval.report import format_results, format_table, results_csv
 from mat_lightning.eval.robust import RobustRetrievalEval
 from mat_lightning.main import COMMANDS
 from mat_lightning.module import MatModule
+from mat_lightning.synthetic import data_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -75,7 +76,7 @@ def test_results_survive_a_failure_in_the_last_attack(tiny_encoder, tmp_path):
         enable_model_summary=False,
     )
     with pytest.raises(RuntimeError, match="simulated"):
-        trainer.test(MatModule(tiny_encoder), RetrievalDataModule(world="tiny", max_eval_images=8))
+        trainer.test(MatModule(tiny_encoder), RetrievalDataModule(**data_args("tiny"), max_eval_images=8))
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["attack"] for r in results["rows"]] == ["clean", "pgd"] and results["complete"] is False
     assert (tmp_path / "results.csv").read_text().count("\n") == 3
@@ -222,22 +223,6 @@ def test_data_check_on_a_test_only_set(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "absent" in out and "ok" in out
-
-
-def test_synthetic_mlm_on_real_captions_warns(tmp_path, caplog):
-    from types import SimpleNamespace
-
-    from mat_lightning.attacks import SGA, BertAttack
-
-    cb = RobustRetrievalEval(attacks=[SGA(text_attack=BertAttack(mlm="synthetic:tiny"))], progress=False)
-    trainer = SimpleNamespace(
-        datamodule=SimpleNamespace(dataset="flickr30k"),
-        is_global_zero=True,
-        default_root_dir=str(tmp_path),
-    )
-    with caplog.at_level("WARNING", logger="mat_lightning"):
-        cb._preflight(trainer, None, "test")
-    assert "sga uses the synthetic world's masked LM" in caplog.text
 
 
 def test_required_mlm_and_missing_images_reported_once(tmp_path, capsys):

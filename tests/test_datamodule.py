@@ -15,7 +15,10 @@ from mat_lightning.errors import ConfigError, DataError
 
 
 def make_dm(**kw):
+    from mat_lightning.synthetic import ensure_world
+
     kw.setdefault("world", "tiny")
+    kw.setdefault("annotations", str(ensure_world(kw["world"])))
     kw.setdefault("image_size", 64)
     dm = RetrievalDataModule(**kw)
     dm.prepare_data()
@@ -75,8 +78,8 @@ def test_config_errors():
         RetrievalDataModule(dataset="flickr")
     with pytest.raises(ConfigError, match="needs --data.root"):
         RetrievalDataModule(dataset="flickr30k")
-    with pytest.raises(ConfigError, match="preset 'huge'"):
-        make_dm(world="huge")
+    with pytest.raises(ConfigError, match="synthetic-world names are resolved to paths by the mat CLI"):
+        RetrievalDataModule(dataset="synthetic", world="tiny")
 
 
 def test_real_layouts_load_from_folders(tmp_path):

@@ -11,12 +11,11 @@ from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.defenses import FARE, MAT, MAT1N, Clean, ImageAT, MMCoA, TeCoA, TextAT
 from mat_lightning.defenses.base import batch_keys
 from mat_lightning.module import MatModule
-
-MLM = "synthetic:tiny"
+from mat_lightning.synthetic import data_args, ensure_mlm
 
 
 def bert(**kw):
-    return BertAttack(mlm=MLM, top_k=5, **kw)
+    return BertAttack(mlm=str(ensure_mlm("tiny")), top_k=5, **kw)
 
 
 def pgd(**kw):
@@ -36,7 +35,7 @@ DEFENSES = {
 
 
 def batch_of(k: int, n: int = 8):
-    dm = RetrievalDataModule(world="tiny", image_size=64, batch_size=n, captions_per_image=k)
+    dm = RetrievalDataModule(**data_args("tiny"), image_size=64, batch_size=n, captions_per_image=k)
     dm.prepare_data()
     dm.setup("fit")
     torch.manual_seed(0)

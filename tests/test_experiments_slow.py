@@ -21,9 +21,9 @@ SYNTHETIC = sorted(
 @pytest.mark.parametrize("experiment", SYNTHETIC, ids=lambda p: p.stem)
 def test_experiment_runs_on_the_tiny_world(experiment, tmp_path, tiny_clip_path, monkeypatch):
     # The default world's assets take minutes to build; the tiny world stands in for them (data, CLIP and MLM).
-    from mat_lightning import world
+    from mat_lightning.synthetic import PRESETS
 
-    monkeypatch.setitem(world.PRESETS, "default", world.PRESETS["tiny"])
+    monkeypatch.setitem(PRESETS, "default", PRESETS["tiny"])
     main(
         [
             "fit",

@@ -20,6 +20,7 @@ from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.data.sampling import EvalShards, TrainShards
 from mat_lightning.errors import ConfigError
 from mat_lightning.eval.robust import robust_retrieval
+from mat_lightning.synthetic import data_args, ensure_mlm
 
 
 def test_random_draws_follow_the_sample_not_the_batch():
@@ -54,7 +55,7 @@ def test_pgd_random_start_is_the_images_own(tiny_encoder, tiny_test_split):
 
 
 def _loader(batch_size: int):
-    dm = RetrievalDataModule(world="tiny", image_size=64, eval_batch_size=batch_size)
+    dm = RetrievalDataModule(**data_args("tiny"), image_size=64, eval_batch_size=batch_size)
     dm.setup("test")
     return dm.test_dataloader()
 
@@ -62,7 +63,9 @@ def _loader(batch_size: int):
 def test_rows_do_not_depend_on_the_eval_batch_size(tiny_encoder):
     attacks = [
         PGD(eps_255=2, steps=3, step_255=1, objective="split_contrastive"),
-        SGA(PGD(steps=2, step_255=1), BertAttack(mlm="synthetic:tiny", top_k=3)),  # keyed Gaussian noise
+        SGA(
+            PGD(steps=2, step_255=1), BertAttack(mlm=str(ensure_mlm("tiny")), top_k=3)
+        ),  # keyed Gaussian noise
     ]
     small, whole = (robust_retrieval(tiny_encoder, _loader(b), attacks, progress=False) for b in (5, 32))
     assert [r["attack"] for r in whole] == ["clean", "pgd", "sga"]

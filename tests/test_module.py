@@ -9,6 +9,7 @@ import torch
 from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.module import MatModule
+from mat_lightning.synthetic import data_args
 
 
 def snapshot(params):
@@ -18,7 +19,7 @@ def snapshot(params):
 def test_clean_fine_tuning_moves_both_towers(tiny_encoder, tmp_path):
     module = MatModule(tiny_encoder, lr=1e-3)
     vision, text = snapshot(tiny_encoder.vision_parameters()), snapshot(tiny_encoder.text_parameters())
-    dm = RetrievalDataModule(world="tiny", batch_size=16, captions_per_image=2, max_eval_images=16)
+    dm = RetrievalDataModule(**data_args("tiny"), batch_size=16, captions_per_image=2, max_eval_images=16)
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=3,

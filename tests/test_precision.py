@@ -10,6 +10,7 @@ from mat_lightning.attacks import PGD, BertAttack
 from mat_lightning.defenses import MAT
 from mat_lightning.losses import contrastive_loss, fare_loss
 from mat_lightning.module import MatModule
+from mat_lightning.synthetic import data_args, ensure_mlm
 
 
 def test_losses_run_in_float32_under_bf16_autocast():
@@ -32,7 +33,10 @@ def test_bf16_mixed_trains_a_mat_step(tiny_encoder, tmp_path):
 
     module = MatModule(
         tiny_encoder,
-        MAT(text_attack=BertAttack(mlm="synthetic:tiny"), image_attack=PGD(eps_255=2, steps=2, step_255=1)),
+        MAT(
+            text_attack=BertAttack(mlm=str(ensure_mlm("tiny"))),
+            image_attack=PGD(eps_255=2, steps=2, step_255=1),
+        ),
         lr=1e-4,
     )
     before = [p.detach().clone() for p in tiny_encoder.parameters()]
@@ -48,7 +52,7 @@ def test_bf16_mixed_trains_a_mat_step(tiny_encoder, tmp_path):
         inference_mode=False,
         default_root_dir=tmp_path,
     )
-    trainer.fit(module, datamodule=RetrievalDataModule(world="tiny", batch_size=16))
+    trainer.fit(module, datamodule=RetrievalDataModule(**data_args("tiny"), batch_size=16))
     loss = trainer.callback_metrics["train/loss"]
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in tiny_encoder.parameters())  # master weights stay fp32

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mat_lightning.attacks import PGD, SGA, BertAttack, CoAttack, SepAttack
 from mat_lightning.errors import ConfigError
+from mat_lightning.synthetic import data_args, ensure_mlm
 
 WORDS = (
     "a an the red blue green small large circle square triangle left right of to above below and with".split()
@@ -23,10 +24,10 @@ def _bert_tokenizer(folder: Path):
     """A tiny WordPiece tokenizer over the tiny world's words, saved to ``folder``."""
     from transformers import BertTokenizerFast
 
-    from mat_lightning import world
     from mat_lightning.models.mlm import build_vocab
+    from mat_lightning.synthetic import load_split
 
-    _, caps = world.load_split("tiny", "train")
+    _, caps = load_split("tiny", "train")
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(build_vocab([c for cs in caps for c in cs] + WORDS)) + "\n")
@@ -93,12 +94,12 @@ def _train_and_evaluate(encoder, tmp_path) -> list[dict]:
     from mat_lightning.module import MatModule
 
     defense = MAT(
-        text_attack=BertAttack(mlm="synthetic:tiny", max_words=1),
+        text_attack=BertAttack(mlm=str(ensure_mlm("tiny")), max_words=1),
         image_attack=PGD(eps_255=2, steps=1, step_255=1),
     )
     module = MatModule(encoder, defense, lr=1e-4)
     before = [p.detach().clone() for p in encoder.parameters() if p.requires_grad]
-    dm = RetrievalDataModule(world="tiny", batch_size=8, eval_batch_size=4, max_eval_images=8)
+    dm = RetrievalDataModule(**data_args("tiny"), batch_size=8, eval_batch_size=4, max_eval_images=8)
     callback = RobustRetrievalEval(attacks=[PGD(steps=2)], progress=False)
     trainer = L.Trainer(
         max_steps=1,
@@ -369,10 +370,10 @@ class DuckEncoder:
 ATTACKS = {
     "pgd": lambda: PGD(steps=3),
     "pgd_kl": lambda: PGD(steps=2, objective="embedding_kl"),
-    "bert_attack": lambda: BertAttack(mlm="synthetic:tiny"),
-    "sep_attack": lambda: SepAttack(PGD(steps=2), BertAttack(mlm="synthetic:tiny")),
-    "co_attack": lambda: CoAttack(PGD(steps=2), BertAttack(mlm="synthetic:tiny")),
-    "sga": lambda: SGA(PGD(steps=2), BertAttack(mlm="synthetic:tiny")),
+    "bert_attack": lambda: BertAttack(mlm=str(ensure_mlm("tiny"))),
+    "sep_attack": lambda: SepAttack(PGD(steps=2), BertAttack(mlm=str(ensure_mlm("tiny")))),
+    "co_attack": lambda: CoAttack(PGD(steps=2), BertAttack(mlm=str(ensure_mlm("tiny")))),
+    "sga": lambda: SGA(PGD(steps=2), BertAttack(mlm=str(ensure_mlm("tiny")))),
 }
 
 

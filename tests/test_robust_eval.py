@@ -16,12 +16,13 @@ from mat_lightning.errors import ConfigError
 from mat_lightning.eval.retrieval import recall_at_k
 from mat_lightning.eval.robust import RobustRetrievalEval, robust_retrieval
 from mat_lightning.module import MatModule
+from mat_lightning.synthetic import data_args, ensure_mlm
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def loader(n=16, batch=6):
-    dm = RetrievalDataModule(world="tiny", image_size=64, eval_batch_size=batch, max_eval_images=n)
+    dm = RetrievalDataModule(**data_args("tiny"), image_size=64, eval_batch_size=batch, max_eval_images=n)
     dm.setup("test")
     return dm.test_dataloader(), dm.eval_set("test")
 
@@ -50,7 +51,11 @@ def test_rows_match_a_direct_computation(tiny_encoder):
 def test_eps_grid_and_text_attacks(tiny_encoder):
     dl, _ = loader(n=8, batch=8)
     rows = robust_retrieval(
-        tiny_encoder, dl, [PGD(steps=2), BertAttack(mlm="synthetic:tiny", top_k=3)], [1, 4], progress=False
+        tiny_encoder,
+        dl,
+        [PGD(steps=2), BertAttack(mlm=str(ensure_mlm("tiny")), top_k=3)],
+        [1, 4],
+        progress=False,
     )
     # the configured budget (2) comes first: it is the attack's headline row; then the grid
     assert [(r["attack"], r["eps_255"]) for r in rows] == [
@@ -87,7 +92,7 @@ def test_guard_against_inference_mode(tiny_encoder, tmp_path):
         limit_test_batches=1,
     )
     with pytest.raises(ConfigError, match="inference_mode: false"):
-        trainer.test(MatModule(tiny_encoder), RetrievalDataModule(world="tiny", max_eval_images=4))
+        trainer.test(MatModule(tiny_encoder), RetrievalDataModule(**data_args("tiny"), max_eval_images=4))
 
 
 def test_callback_logs_keys_and_writes_files(tiny_encoder, tmp_path):
@@ -100,7 +105,7 @@ def test_callback_logs_keys_and_writes_files(tiny_encoder, tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.test(MatModule(tiny_encoder), RetrievalDataModule(world="tiny", max_eval_images=8))
+    trainer.test(MatModule(tiny_encoder), RetrievalDataModule(**data_args("tiny"), max_eval_images=8))
     for key in ("test/clean/tr_r1", "test/pgd/tr_r1", "test/pgd/asr_flip_ir_r1", "test/pgd/seconds"):
         assert key in trainer.callback_metrics
     results = json.loads((tmp_path / "results.json").read_text())

@@ -8,27 +8,31 @@ import random
 import re
 
 import numpy as np
+import pytest
+from PIL import Image
 
-from mat_lightning.data import synthetic as S
+from mat_lightning import synthetic
 from mat_lightning.data.formats import read_annotations
+from mat_lightning.synthetic import classic as S
+from mat_lightning.synthetic import dataset as D
 
 
 def test_same_config_writes_the_same_files(tmp_path):
-    cfg = S.WorldConfig(seed=3, n_train=6, n_val=2, n_test=2)
-    a = S.write_world(cfg, tmp_path / "a")
-    b = S.write_world(cfg, tmp_path / "b")
+    cfg = D.WorldConfig(seed=3, n_train=6, n_val=2, n_test=2)
+    a = D.write_world(cfg, tmp_path / "a")
+    b = D.write_world(cfg, tmp_path / "b")
     assert a.read_bytes() == b.read_bytes()
     for png in sorted((tmp_path / "a" / "images").glob("*.png")):
         other = tmp_path / "b" / "images" / png.name
         assert hashlib.sha256(png.read_bytes()).digest() == hashlib.sha256(other.read_bytes()).digest()
-    c = S.write_world(S.WorldConfig(seed=4, n_train=6, n_val=2, n_test=2), tmp_path / "c")
+    c = D.write_world(D.WorldConfig(seed=4, n_train=6, n_val=2, n_test=2), tmp_path / "c")
     assert c.read_bytes() != a.read_bytes()
-    assert cfg.digest() != S.WorldConfig(seed=4, n_train=6, n_val=2, n_test=2).digest()
+    assert cfg.digest() != D.WorldConfig(seed=4, n_train=6, n_val=2, n_test=2).digest()
 
 
 def test_karpathy_layout_with_five_distinct_captions_and_scene(tmp_path):
-    cfg = S.WorldConfig(seed=0, n_train=20, n_val=5, n_test=5)
-    ann = S.write_world(cfg, tmp_path / "w")
+    cfg = D.WorldConfig(seed=0, n_train=20, n_val=5, n_test=5)
+    ann = D.write_world(cfg, tmp_path / "w")
     recs = read_annotations(ann, ann.parent, "test")
     assert len(recs) == 5
     data = json.loads(ann.read_text())
@@ -43,7 +47,7 @@ def test_karpathy_layout_with_five_distinct_captions_and_scene(tmp_path):
 def test_captions_name_what_is_drawn():
     rng = random.Random(0)
     for _ in range(200):
-        scene = S.sample_scene(rng)
+        scene = S.random_scene(rng)
         caption = S.describe(scene, rng)
         words = caption.replace(",", " ").replace(":", " ").split()
         # Every caption names at least two objects' colour by a synonym of the drawn colour, or the only object.
@@ -55,8 +59,8 @@ def test_captions_name_what_is_drawn():
 
 
 def test_inventories_limit_colours_and_shapes(tmp_path):
-    ann = S.write_world(
-        S.WorldConfig(seed=2, n_train=30, n_val=1, n_test=1, n_colours=2, n_shapes=3), tmp_path / "w"
+    ann = D.write_world(
+        D.WorldConfig(seed=2, n_train=30, n_val=1, n_test=1, n_colours=2, n_shapes=3), tmp_path / "w"
     )
     scenes = [S.Scene.from_json(im["scene"]) for im in json.loads(ann.read_text())["images"]]
     assert {o.colour for s in scenes for o in s.objects} == {"red", "green"}
@@ -87,7 +91,7 @@ def test_renderer_draws_the_scene_colours():
 
 def test_relayout_keeps_objects_and_moves_them():
     rng = random.Random(1)
-    scene = S.sample_scene(rng, 3)
+    scene = S.random_scene(rng, 3)
     other = S.relayout(scene, rng)
     assert [(o.shape, o.colour, o.size) for o in other.objects] == [
         (o.shape, o.colour, o.size) for o in scene.objects
@@ -106,16 +110,15 @@ def test_building_the_cached_assets_leaves_the_seeded_streams_alone(tmp_path, mo
     """A cold run (which builds world, CLIP and MLM in-process) must train like a warm run under the same seed."""
     import torch
 
-    from mat_lightning import world
     from mat_lightning.models.pretrain import PretrainConfig
 
     monkeypatch.setenv("MAT_CACHE_DIR", str(tmp_path))
-    small = world.Preset(
-        S.WorldConfig(seed=3, n_train=24, n_val=4, n_test=8),
+    small = synthetic.Preset(
+        D.WorldConfig(seed=3, n_train=24, n_val=4, n_test=8),
         PretrainConfig(steps=2, batch_size=8),
         mlm_steps=2,
     )
-    monkeypatch.setitem(world.PRESETS, "rng-test", small)
+    monkeypatch.setitem(synthetic.PRESETS, "rng-test", small)
 
     def draws() -> tuple:
         return random.random(), float(np.random.rand()), float(torch.rand(()))
@@ -123,6 +126,101 @@ def test_building_the_cached_assets_leaves_the_seeded_streams_alone(tmp_path, mo
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     expected = draws()
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    built = [world.ensure_world("rng-test"), world.ensure_clip("rng-test"), world.ensure_mlm("rng-test")]
+    built = [
+        synthetic.ensure_world("rng-test"),
+        synthetic.ensure_clip("rng-test"),
+        synthetic.ensure_mlm("rng-test"),
+    ]
     assert all(str(p).startswith(str(tmp_path)) and p.exists() for p in built)  # built here, not loaded
     assert draws() == expected
+
+
+# -- generators and cached assets ---------------------------------------------------------------------------------------
+
+
+def test_the_generator_field_keeps_the_names_of_cached_classic_worlds():
+    # Digests of the presets' worlds before WorldConfig had a generator (the caches built then stay valid).
+    assert synthetic.PRESETS["default"].world.digest() == "3e184fd6ca23"
+    assert synthetic.PRESETS["tiny"].world.digest() == "4ade1f2b9187"
+    cfg = D.WorldConfig(seed=1)
+    assert "generator" not in cfg.identity() and cfg.generator == "classic"
+    assert D.WorldConfig(seed=1, generator="other").digest() != cfg.digest()
+    assert D.WorldConfig(seed=1, generator="other").identity()["generator"] == "other"
+
+
+class _StubScene:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def to_json(self) -> dict:
+        return {"n": self.n}
+
+
+class _StubGenerator:
+    """A generator that says what it was asked: shows write_world and the 1:N builder dispatch to it."""
+
+    @staticmethod
+    def sample_scene(rng, cfg):
+        return _StubScene(rng.randint(1, 3))
+
+    @staticmethod
+    def render(scene, size, rng):
+        from PIL import Image
+
+        return Image.new("RGB", (size, size), (60 * scene.n, 0, 0))
+
+    @staticmethod
+    def describe(scene, rng):
+        return f"caption {rng.randint(0, 10**6)} of {scene.n}"
+
+    @staticmethod
+    def oracle_caption(scene, rng):
+        return f"oracle {rng.randint(0, 10**6)} of {scene.n}"
+
+    @staticmethod
+    def relayout(scene, rng):
+        return _StubScene(scene.n)
+
+    @staticmethod
+    def scene_from_json(d):
+        return _StubScene(d["n"])
+
+    @staticmethod
+    def thesaurus():
+        return {"caption": ["description"], "description": ["caption"]}
+
+
+def test_world_and_augmentations_come_from_the_registered_generator(tmp_path, monkeypatch):
+    from mat_lightning.errors import ConfigError
+    from mat_lightning.models.pretrain import PretrainConfig
+
+    monkeypatch.setenv("MAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(D.GENERATORS, "stub", _StubGenerator)
+    cfg = D.WorldConfig(seed=2, n_train=6, n_val=1, n_test=1, image_size=8, generator="stub")
+    monkeypatch.setitem(synthetic.PRESETS, "stub", synthetic.Preset(cfg, PretrainConfig(steps=1)))
+    ann = synthetic.ensure_world("stub")
+    data = json.loads(ann.read_text())
+    assert data["world_config"]["generator"] == "stub"
+    for im in data["images"]:
+        n = im["scene"]["n"]
+        assert [s["raw"].split()[-1] for s in im["sentences"]] == [str(n)] * 5
+        assert np.asarray(Image.open(ann.parent / "images" / im["filename"]))[0, 0, 0] == 60 * n
+    assert json.loads((ann.parent / "thesaurus.json").read_text()) == _StubGenerator.thesaurus()
+    root = synthetic.ensure_augmentations("stub")
+    i2t = json.loads((root / "i2t.json").read_text())
+    assert all(c.startswith("oracle") for caps in i2t.values() for c in caps) and len(i2t) == 6
+    with pytest.raises(ConfigError, match="generator='nope': unknown; known"):
+        D.write_world(D.WorldConfig(generator="nope"), tmp_path / "nope")
+
+
+def test_an_old_world_folder_gets_its_thesaurus_on_first_use(tmp_path, monkeypatch):
+    from mat_lightning.models.pretrain import PretrainConfig
+
+    monkeypatch.setenv("MAT_CACHE_DIR", str(tmp_path))
+    small = synthetic.Preset(D.WorldConfig(seed=3, n_train=4, n_val=1, n_test=1), PretrainConfig(steps=1))
+    monkeypatch.setitem(synthetic.PRESETS, "old", small)
+    path = synthetic.ensure_thesaurus("old")
+    assert path.parent == synthetic.ensure_world("old").parent
+    path.unlink()  # as in a world cached before the file existed
+    assert synthetic.ensure_thesaurus("old") == path
+    assert json.loads(path.read_text()) == S.thesaurus()

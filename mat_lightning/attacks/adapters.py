@@ -28,6 +28,7 @@ from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.bert_attack import BertAttack, TextObjective
 from mat_lightning.attacks.objectives import caption_prototypes
 from mat_lightning.attacks.stopwords import STOP_WORDS
+from mat_lightning.cache import cache_dir
 from mat_lightning.errors import ConfigError
 from mat_lightning.models.encoder import VLEncoder
 
@@ -126,7 +127,6 @@ class TorchattacksAttack(Attack):
 
 def ensure_nltk_stopwords() -> None:
     """Give NLTK a stop-word corpus if it has none (``import textattack`` fails without one, and cannot download)."""
-    from mat_lightning.world import cache_dir
 
     try:
         import nltk

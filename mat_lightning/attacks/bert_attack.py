@@ -51,7 +51,8 @@ from torch import Tensor
 
 from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.stopwords import STOP_WORDS
-from mat_lightning.errors import ConfigError
+from mat_lightning.cache import corrupt_cache_hint, is_cached
+from mat_lightning.errors import ConfigError, is_synthetic_name, unresolved_synthetic_name
 from mat_lightning.models.encoder import VLEncoder, encoder_device, local_model, require_local_or_online
 
 log = logging.getLogger(__name__)
@@ -66,19 +67,20 @@ class CandidateGenerator(Protocol):
 
 
 def resolve_mlm(spec: str) -> str:
-    """``synthetic[:<preset>]`` -> the synthetic world's tiny MLM folder; a name in ``local_models`` -> its local
-    copy; anything else passes through."""
-    spec = local_model(spec)
-    if not spec.startswith("synthetic"):
-        return spec
-    from mat_lightning import world
+    """A name in ``local_models`` -> its local copy; anything else (a hub name, a folder) passes through.
 
-    return str(world.ensure_mlm(spec.split(":", 1)[1] if ":" in spec else "default"))
+    ``synthetic[:<preset>]`` (the synthetic world's masked LM) is resolved to its folder by the ``mat`` CLI
+    (:func:`mat_lightning.synthetic.resolve_config`); here it is an error.
+    """
+    spec = local_model(spec)
+    if is_synthetic_name(spec):
+        raise unresolved_synthetic_name("BertAttack mlm", spec, "ensure_mlm(<preset>)")
+    return spec
 
 
 @functools.lru_cache(maxsize=4)
 def load_mlm(spec: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a HF masked LM given by hub name, local folder, or ``synthetic``.
+    """(model, tokenizer) of a HF masked LM given by hub name or local folder.
 
     Cached by spec: the attacks of a suite (BERT-Attack, Sep-Attack, Co-Attack, SGA) share one model in memory.
     """
@@ -89,20 +91,19 @@ def load_mlm(spec: str) -> tuple[Any, Any]:
         path,
         "the masked LM of BERT-Attack",
         "Give a local folder written by save_pretrained (e.g. huggingface-cli download bert-base-uncased "
-        "--local-dir <folder> on a machine with network) as the attack's mlm, or 'synthetic' for the synthetic "
-        "world's MLM.",
+        "--local-dir <folder> on a machine with network) as the attack's mlm, or 'synthetic' (in a mat config) for "
+        "the synthetic world's MLM.",
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path)
     except (OSError, ValueError) as e:  # missing folder, unknown hub id, offline hub
-        from mat_lightning import world
-
-        if world.is_cached(path):
-            raise ConfigError(world.corrupt_cache_hint(path)) from None
+        if is_cached(path):
+            raise ConfigError(corrupt_cache_hint(path)) from None
         raise ConfigError(
             f"could not load the masked LM {spec!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
-            "Offline? Give a local folder written by save_pretrained, or 'synthetic' for the synthetic world's MLM."
+            "Offline? Give a local folder written by save_pretrained, or 'synthetic' (in a mat config) for the "
+            "synthetic world's MLM."
         ) from None
     return model.eval(), tokenizer
 
@@ -133,7 +134,8 @@ class BertAttack(Attack):
     """Batched BERT-Attack.
 
     Args:
-        mlm: masked LM: a hub name (``bert-base-uncased``), a local folder, or ``synthetic`` (the synthetic world's).
+        mlm: masked LM: a hub name (``bert-base-uncased``) or a local folder (in a ``mat`` config also ``synthetic``,
+            the synthetic world's, which the CLI resolves to its folder).
         top_k: substitutes per one-sub-word word (10 in Co-Attack/SGA).
         max_words: words changed at most per caption (1 in Co-Attack/SGA).
         objective: ``image_cosine`` (SGA) or ``embedding_kl`` (Co-Attack).
@@ -174,6 +176,8 @@ class BertAttack(Attack):
         seed: int | None = 0,
     ) -> None:
         super().__init__(seed)
+        if is_synthetic_name(mlm):
+            raise unresolved_synthetic_name("BertAttack mlm", mlm, "ensure_mlm(<preset>)")
         if objective not in ("image_cosine", "embedding_kl"):
             raise ConfigError(f"BertAttack objective={objective!r}; choose image_cosine or embedding_kl")
         if top_k < 1 or max_words < 0 or max_length < 3 or bpe_top < 1 or bpe_max_combinations < 1:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -21,7 +22,10 @@ from mat_lightning.data.datamodule import RetrievalDataModule, load_image
 from mat_lightning.errors import DataError
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], resolve: Callable[[Namespace], Namespace] | None = None) -> None:
+    """``mat data check`` with ``argv``; ``resolve`` rewrites the parsed config before the data module is built
+    (the CLI passes :func:`mat_lightning.synthetic.resolve_config`, which turns ``dataset: synthetic`` into the
+    world's annotation file)."""
     parser = ArgumentParser(
         prog="mat data check",
         description=__doc__.splitlines()[0],
@@ -39,6 +43,8 @@ def main(argv: list[str]) -> None:
         "--image_size", type=int, default=224, help="Size the images are decoded to when checking."
     )
     cfg = parser.parse_args(argv, defaults=True)
+    if resolve is not None:
+        cfg = resolve(cfg)
     dm: RetrievalDataModule = parser.instantiate_classes(cfg).data
     dm.prepare_data()
     console = Console()

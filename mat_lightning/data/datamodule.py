@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mat_lightning.cache import corrupt_cache_hint, is_cached
 from mat_lightning.data.augment.pairs import OneToMany
 from mat_lightning.data.formats import (
     Format,
@@ -37,7 +38,7 @@ from mat_lightning.data.formats import (
     shared_images,
 )
 from mat_lightning.data.sampling import EvalShards, TrainShards
-from mat_lightning.errors import ConfigError, DataError
+from mat_lightning.errors import ConfigError, DataError, unresolved_synthetic_name
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +259,14 @@ class RetrievalDataModule(L.LightningDataModule):
     """Image-caption retrieval data: the synthetic world, Flickr30K or COCO (Karpathy splits), or your own files.
 
     Args:
-        dataset: ``synthetic`` (generated and cached on first use), ``flickr30k``, ``coco``, or ``custom``.
+        dataset: ``synthetic`` (a generated world's Karpathy file), ``flickr30k``, ``coco``, or ``custom``.
         root: data folder (real data sets). Annotation and image paths default to files inside it.
-        world: the synthetic world's preset (``default``, ``tiny``); only for ``dataset=synthetic``.
+        world: the synthetic world's preset (``default``, ``tiny``) the ``mat`` CLI generates ``annotations`` from
+            when ``dataset=synthetic`` (:func:`mat_lightning.synthetic.resolve_config`); recorded here only.
         annotations: the annotation file: one Karpathy file for all splits, or a mapping
             ``{train: ..., val: ..., test: ...}`` of ALBEF-style files. Default: ``root/dataset_<name>.json``.
+            With ``dataset=synthetic``, required: the CLI sets it; from Python, give
+            ``mat_lightning.synthetic.ensure_world(<preset>)``.
         image_root: folder the annotation's image paths are relative to (default: ``root``; for Karpathy Flickr30K,
             ``root/flickr30k-images`` when it exists).
         format: annotation layout, ``auto`` detects it.
@@ -318,6 +322,10 @@ class RetrievalDataModule(L.LightningDataModule):
         ):
             if value < 1:
                 raise ConfigError(f"data.{key}={value}: must be >= 1")
+        if dataset == "synthetic" and annotations is None:
+            raise unresolved_synthetic_name(
+                "data.dataset", dataset, f"ensure_world({world!r}) as annotations= (with dataset='synthetic')"
+            )
         # one_to_many is an object (its configuration is in the CLI's config.yaml), not a hyperparameter value.
         self.save_hyperparameters(logger=False, ignore=["one_to_many"])
         self.one_to_many = one_to_many
@@ -337,19 +345,7 @@ class RetrievalDataModule(L.LightningDataModule):
 
     # -- where the files are --------------------------------------------------------------------------------------
 
-    def prepare_data(self) -> None:
-        if self.dataset == "synthetic":
-            from mat_lightning import world  # builds and caches the world on first use (our "download")
-
-            world.ensure_world(self.world)
-        if self.one_to_many is not None:
-            self.one_to_many.prepare(self.world if self.dataset == "synthetic" else None)
-
     def annotation_file(self, split: str) -> Path:
-        if self.dataset == "synthetic":
-            from mat_lightning import world
-
-            return world.ensure_world(self.world)
         if isinstance(self.annotations, dict):
             if split not in self.annotations:
                 raise ConfigError(
@@ -398,10 +394,8 @@ class RetrievalDataModule(L.LightningDataModule):
             try:
                 records = read_annotations(path, roots[0], split, self.format)
             except DataError as e:
-                from mat_lightning import world
-
-                if self.dataset == "synthetic" and world.is_cached(path):
-                    raise DataError(f"{e}\n{world.corrupt_cache_hint(path.parent)}") from None
+                if is_cached(path):
+                    raise DataError(f"{e}\n{corrupt_cache_hint(path.parent)}") from None
                 raise
             if all(r.split is None for r in records):  # an ALBEF-style file: one split per file
                 other = self._split_files.setdefault(path.resolve(), split)
@@ -469,8 +463,7 @@ class RetrievalDataModule(L.LightningDataModule):
             records = self.read_split(self.splits["fit"])
             store = ImageStore([r.image_path for r in records], size, self.preload)
             if self.one_to_many is not None:
-                world = self.world if self.dataset == "synthetic" else None
-                self.one_to_many.bind(records, size, world, cache=self.preload)
+                self.one_to_many.bind(records, size, cache=self.preload)
                 log.info("train pairs augmented 1:N by %r", self.one_to_many)
             self.train_set = TrainSet(
                 store, self.caption_pool(records), self.captions_per_image, self.one_to_many

@@ -13,25 +13,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mat_lightning.files import atomic_write
+
 #: Columns of the console table of a run, in order (the CSV and JSON hold every metric).
 CONSOLE_COLUMNS = ("attack", "eps_255", "tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
 CONSOLE_EXTRA = ("asr_flip_tr_r1", "asr_flip_ir_r1", "seconds")
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _round(value: Any, digits: int = 2) -> Any:

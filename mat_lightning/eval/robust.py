@@ -39,11 +39,12 @@ from tqdm.auto import tqdm
 from mat_lightning.attacks.base import Attack
 from mat_lightning.attacks.objectives import Gallery
 from mat_lightning.data.datamodule import RetrievalBatch
-from mat_lightning.errors import ConfigError
+from mat_lightning.errors import ConfigError, is_synthetic_name, unresolved_synthetic_name
 from mat_lightning.eval import rerank
 from mat_lightning.eval.embeddings import EmbeddingBank
-from mat_lightning.eval.report import atomic_write, write_results
+from mat_lightning.eval.report import write_results
 from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_from_ranks
+from mat_lightning.files import atomic_write
 from mat_lightning.models.encoder import VLEncoder, encoder_device
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,8 @@ class RobustRetrievalEval(L.Callback):
         progress: a progress bar per attack.
         seed: the run's seed, recorded in ``results.json`` (the ``mat`` CLI sets it from ``seed_everything``).
         mlm: if set, the masked LM of every text attack of the list (BERT-Attack, the text part of Sep-Attack,
-            Co-Attack and SGA): a hub name, a local folder written by ``save_pretrained``, or ``synthetic``. A config
+            Co-Attack and SGA): a hub name, a local folder written by ``save_pretrained``, or (in a ``mat`` config,
+            resolved by the CLI) ``synthetic``. A config
             may set it to ``required`` to make the user give one (``experiments/custom_eval.yaml``).
     """
 
@@ -269,6 +271,8 @@ class RobustRetrievalEval(L.Callback):
         mlm: str | None = None,
     ) -> None:
         self.attacks = list(attacks or [])
+        if is_synthetic_name(mlm):
+            raise unresolved_synthetic_name("robust_eval.mlm", mlm, "ensure_mlm(<preset>)")
         self.mlm = mlm
         if mlm is not None and mlm != MLM_REQUIRED:
             for attack in self.attacks:
@@ -314,20 +318,7 @@ class RobustRetrievalEval(L.Callback):
         dm = trainer.datamodule
         if stage == "fit" and dm is not None and hasattr(dm, "read_split"):
             dm.read_split(dm.splits["test"])  # annotation file and image files of the test split exist
-        dataset = getattr(dm, "dataset", None)
         for attack in self.attacks:
-            for part in _text_attacks(attack):
-                if dataset not in (None, "synthetic") and str(getattr(part, "mlm", "")).startswith(
-                    "synthetic"
-                ):
-                    log.warning(
-                        "%s uses the synthetic world's masked LM (mlm=%r) on %s captions: it knows only the "
-                        "world's words and proposes letters for the rest. Give a real MLM, e.g. "
-                        "init_args.mlm: bert-base-uncased or a local folder written by save_pretrained.",
-                        attack.name,
-                        part.mlm,
-                        dataset,
-                    )
             # loads the masked LMs (cached, shared by the suite); on the CPU: no accelerator memory while training
             attack.prepare(torch.device("cpu"))
         if self.export_dir is not None and trainer.is_global_zero:

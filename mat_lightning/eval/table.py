@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mat_lightning.errors import ConfigError, DataError
-from mat_lightning.eval.report import atomic_write
+from mat_lightning.files import atomic_write
 
 METRIC_LABELS = {
     "tr_r1": "TR@1",

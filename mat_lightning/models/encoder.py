@@ -22,7 +22,8 @@ Normalisation with the model's mean/std happens *inside* ``encode_image`` (as Ro
 TeCoA's ``clip_img_preprocessing`` do), so every epsilon is a budget in [0, 1] pixel space, as the papers state it.
 
 ``OpenClipEncoder`` wraps any open_clip model: a built-in name with a ``pretrained`` tag (``'openai'``), a local
-checkpoint file, ``local-dir:``/``hf-hub:`` schemas, or the synthetic world's cached tiny CLIP (``'synthetic'``).
+checkpoint file (such as the synthetic world's cached tiny CLIP, which the ``mat`` CLI puts in place of
+``'synthetic'``), or ``local-dir:``/``hf-hub:`` schemas.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
-from mat_lightning.errors import ConfigError
+from mat_lightning.cache import corrupt_cache_hint, is_cached
+from mat_lightning.errors import ConfigError, is_synthetic_name, unresolved_synthetic_name
 
 log = logging.getLogger(__name__)
 
@@ -152,18 +154,15 @@ def require_local_or_online(source: str, what: str, how: str, marker: str = "con
 
 
 def resolve_pretrained(spec: str | None) -> str | None:
-    """Turn a ``pretrained`` setting into what open_clip understands.
+    """A ``pretrained`` setting as open_clip understands it: an open_clip tag or a file path, passed through.
 
-    ``'synthetic'`` / ``'synthetic:<preset>'`` name the synthetic world's tiny CLIP, which is built on first use and
-    cached (:mod:`mat_lightning.world` is our stand-in for a weights hub); anything else passes through (an open_clip
-    tag or a file path).
+    ``'synthetic'`` / ``'synthetic:<preset>'`` (the synthetic world's tiny CLIP, our stand-in for a weights hub) are
+    resolved to the cached checkpoint by the ``mat`` CLI (:func:`mat_lightning.synthetic.resolve_config`); here they
+    are an error.
     """
-    if spec is None or not spec.startswith("synthetic"):
-        return spec
-    from mat_lightning import world  # late import: the world builder itself creates encoders
-
-    preset = spec.split(":", 1)[1] if ":" in spec else "default"
-    return str(world.ensure_clip(preset))
+    if is_synthetic_name(spec):
+        raise unresolved_synthetic_name("pretrained", spec, "ensure_clip(<preset>)")
+    return spec
 
 
 class OpenClipEncoder(VLEncoder):
@@ -173,8 +172,9 @@ class OpenClipEncoder(VLEncoder):
         model_name: open_clip architecture (``ViT-B-32``, ``ViT-L-14``, the bundled ``mat-tiny``), or a
             ``local-dir:``/``hf-hub:`` source.
         pretrained: weights: an open_clip tag (``openai``, ``laion2b_s34b_b79k``; downloaded by open_clip), a local
-            checkpoint file (a CLIP state dict), ``synthetic`` (the synthetic world's tiny CLIP, built and cached on
-            first use), or ``None`` for random initialisation.
+            checkpoint file (a CLIP state dict; in a ``mat`` config also ``synthetic[:<preset>]``, the synthetic
+            world's tiny CLIP, which the CLI builds, caches and replaces by its file), or ``None`` for random
+            initialisation.
         vision_checkpoint: optional file with vision-tower weights loaded after creation (RobustVLM publishes its
             FARE/TeCoA checkpoints this way).
         cache_dir: open_clip's download cache.
@@ -194,7 +194,7 @@ class OpenClipEncoder(VLEncoder):
         if resolved is not None and not _looks_like_tag(resolved) and not Path(resolved).is_file():
             raise ConfigError(
                 f"pretrained={pretrained!r}: no such checkpoint file. Give an open_clip tag (e.g. 'openai'), an "
-                f"existing file, 'synthetic', or null for random weights."
+                f"existing file, 'synthetic' (in a mat config), or null for random weights."
             )
         if model_name not in open_clip.list_models() and ":" not in model_name:
             raise ConfigError(
@@ -211,14 +211,12 @@ class OpenClipEncoder(VLEncoder):
                 pretrained_text=False,
             )
         except (RuntimeError, OSError, ValueError) as e:
-            from mat_lightning import world
-
-            if resolved is not None and world.is_cached(resolved):
-                raise ConfigError(world.corrupt_cache_hint(resolved)) from None
+            if resolved is not None and is_cached(resolved):
+                raise ConfigError(corrupt_cache_hint(resolved)) from None
             raise ConfigError(
                 f"could not create open_clip model {model_name!r} with pretrained={pretrained!r}: {e}\n"
                 "Offline? Weights cannot be downloaded here: pass a local checkpoint file as "
-                "--model.encoder.init_args.pretrained, or 'synthetic' for the synthetic world."
+                "--model.encoder.init_args.pretrained, or 'synthetic' (in a mat config) for the synthetic world."
             ) from e
         if vision_checkpoint is not None:
             load_vision_checkpoint(self.model.visual, vision_checkpoint)

@@ -8,11 +8,13 @@ machines, so the synthetic world provides a counterpart of each, generated deter
 * ``ensure_clip(preset)``   -> a tiny open_clip checkpoint pretrained on the world's train split;
 * ``ensure_mlm(preset)``    -> a tiny ``BertForMaskedLM`` folder trained on the world's captions (for BERT-Attack);
 * ``ensure_augmentations(preset)`` -> a folder of precomputed 1:N augmentations of the train split (rewrite, I2T,
-  T2I), in the file formats real users produce with LLaMA, BLIP and Stable Diffusion.
+  T2I), in the file formats real users produce with LLaMA, BLIP and Stable Diffusion;
+* ``ensure_thesaurus(preset)`` -> the world's ``thesaurus.json`` (``{word: [synonyms]}``).
 
-Consumers name them by strings (``--data.dataset=synthetic``, ``pretrained: synthetic``, ``mlm: synthetic``), so
-the same code path serves real and synthetic runs. Builds hold a file lock, so parallel processes (DDP ranks,
-parallel tests) build once and the others wait; results are written to a temporary name and renamed into place.
+Configs name them by strings (``--data.dataset=synthetic``, ``pretrained: synthetic``, ``mlm: synthetic``), which
+the ``mat`` CLI turns into these paths (:mod:`mat_lightning.synthetic.resolve`), so data readers, encoders and
+attacks see paths, as on real data. Builds hold a file lock, so parallel processes (DDP ranks, parallel tests)
+build once and the others wait; results are written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -25,68 +27,26 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mat_lightning.data.synthetic import ANNOTATION_FILE, FORMAT_VERSION, WorldConfig, write_world
+from mat_lightning.cache import cache_dir
 from mat_lightning.errors import ConfigError
-from mat_lightning.models.pretrain import PretrainConfig
+from mat_lightning.synthetic.dataset import (
+    ANNOTATION_FILE,
+    FORMAT_VERSION,
+    THESAURUS_FILE,
+    WorldConfig,
+    generator_of,
+    write_thesaurus,
+    write_world,
+)
+from mat_lightning.synthetic.presets import preset
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Preset:
-    world: WorldConfig
-    clip: PretrainConfig
-    mlm_steps: int = 600
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-PRESETS: dict[str, Preset] = {
-    # The embedded default: smoke runs and the synthetic benchmark.
-    "default": Preset(
-        WorldConfig(),
-        PretrainConfig(),
-        notes="3000/200/200 images of 2-4 objects, 64 px, tiny CLIP 700 steps",
-    ),
-    # Tests: small enough to build in seconds, good enough that attacks visibly lower recall.
-    "tiny": Preset(
-        WorldConfig(seed=1, n_train=384, n_val=32, n_test=32),
-        PretrainConfig(steps=160, batch_size=64, lr=2e-3),
-        mlm_steps=200,
-        notes="384/32/32 images for tests",
-    ),
-}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MAT_CACHE_DIR", Path.home() / ".cache" / "mat_lightning")).expanduser()
-
-
-def corrupt_cache_hint(path: str | Path) -> str:
-    """What to say when a cached asset cannot be read: which file, and that deleting it rebuilds it."""
-    return (
-        f"{path} is a cached asset of the synthetic world and is corrupt (an interrupted copy or a full disk?): "
-        f"delete it (rm -r '{path}') and it is rebuilt on the next run"
-    )
-
-
-def is_cached(path: str | Path) -> bool:
-    try:
-        return Path(path).resolve().is_relative_to(cache_dir().resolve())
-    except OSError:
-        return False
-
-
-def preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown synthetic world preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name]
 
 
 @contextmanager
@@ -123,10 +83,17 @@ def _own_random_streams() -> Iterator[None]:
         np.random.set_state(np_state)
 
 
+def _fields(part: object) -> object:
+    """What of ``part`` is hashed: a world config's identity, a dataclass's fields, else the value itself."""
+    if isinstance(part, WorldConfig):
+        return part.identity()
+    return asdict(part) if hasattr(part, "__dataclass_fields__") else part
+
+
 def _digest(*parts: object) -> str:
     import hashlib
 
-    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True)
+    blob = json.dumps([_fields(p) for p in parts], sort_keys=True)
     return hashlib.sha256(f"{blob}|{FORMAT_VERSION}".encode()).hexdigest()[:12]
 
 
@@ -204,7 +171,7 @@ def ensure_clip(name: str = "default") -> Path:
             torch.save(encoder.model.state_dict(), tmp)
             info = {
                 "preset": name,
-                "world": asdict(p.world),
+                "world": p.world.identity(),
                 "pretrain": asdict(p.clip),
                 "seconds": round(seconds, 1),
                 "test_recall": metrics,
@@ -299,28 +266,28 @@ def ensure_augmentations(name: str = "default") -> Path:
             from functools import partial
 
             from mat_lightning.data.formats import read_annotations
-            from mat_lightning.data.synthetic import Scene, describe, oracle_caption, relayout, render
 
             t0 = time.time()
             cfg = preset(name).world
+            gen = generator_of(cfg)
             records = read_annotations(ann, ann.parent, "train")
             tmp = root.with_name(root.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "t2i").mkdir(parents=True)
             files: dict[str, dict[str, list[str]]] = {kind: {} for kind in AUGMENT_KINDS}
             for r in records:
-                scene = Scene.from_json(r.meta["scene"])
+                scene = gen.scene_from_json(r.meta["scene"])
                 rng = random.Random(f"augment|{cfg.seed}|{r.image_id}")  # str seeds hash stably across runs
                 files["rewrite"][r.image_id] = _distinct(
-                    partial(describe, scene, rng), AUGMENT_COUNTS["rewrite"], set(r.captions)
+                    partial(gen.describe, scene, rng), AUGMENT_COUNTS["rewrite"], set(r.captions)
                 )
                 files["i2t"][r.image_id] = _distinct(
-                    partial(oracle_caption, scene, rng), AUGMENT_COUNTS["i2t"], set()
+                    partial(gen.oracle_caption, scene, rng), AUGMENT_COUNTS["i2t"], set()
                 )
                 paths = []
                 for k in range(AUGMENT_COUNTS["t2i"]):
                     rel = f"t2i/{Path(r.image_id).stem}_{k}.png"
-                    render(relayout(scene, rng), cfg.image_size, rng).save(tmp / rel)
+                    gen.render(gen.relayout(scene, rng), cfg.image_size, rng).save(tmp / rel)
                     paths.append(rel)
                 files["t2i"][r.image_id] = paths
             for kind, data in files.items():
@@ -338,3 +305,18 @@ def ensure_augmentations(name: str = "default") -> Path:
             tmp.rename(root)
             log.info("synthetic 1:N augmentations of %r ready in %.1fs at %s", name, time.time() - t0, root)
     return root
+
+
+def ensure_thesaurus(name: str = "default") -> Path:
+    """The world's ``thesaurus.json`` (``{word: [synonyms]}``), generating the world on first use.
+
+    Worlds cached before the file existed get it written beside their annotations on first use (atomically, under
+    the world's lock).
+    """
+    root = ensure_world(name).parent
+    path = root / THESAURUS_FILE
+    if not path.is_file():
+        with _locked(root.name):
+            if not path.is_file():
+                write_thesaurus(preset(name).world, root)
+    return path

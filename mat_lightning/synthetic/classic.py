@@ -1,8 +1,8 @@
-"""The synthetic world: a seeded, procedurally generated image-caption data set with real 1:N structure.
+"""The classic synthetic world: scenes of 2-4 coloured shapes, their renderer and their caption grammar.
 
-No data set or pretrained weights can be downloaded on our machines, so this world is the embedded default on which
-the whole pipeline (pretraining, fine-tuning with MAT, attacks, retrieval evaluation) runs on a laptop CPU. It is a
-simulation for trying the method, **not** a benchmark about Flickr30K or COCO.
+No data set or pretrained weights can be downloaded on our machines, so the synthetic world is the embedded default
+on which the whole pipeline (pretraining, fine-tuning with MAT, attacks, retrieval evaluation) runs on a laptop CPU.
+It is a simulation for trying the method, **not** a benchmark about Flickr30K or COCO.
 
 What it models:
 
@@ -14,23 +14,26 @@ What it models:
 * the simulated **1:N generators** of MAT+ (DESIGN §2): grammar re-sampling (LM rewrite), an oracle captioner in
   another style that may omit details (I2T), and a re-rendering of a caption's scene in a new layout (T2I).
 
-The data set is written in Karpathy layout (``dataset_synthetic.json`` + ``images/``) so the same reader as
-Flickr30K loads it; each image entry also keeps its ``scene`` so the augmentation providers can be built from it.
+This module is the ``classic`` generator of :data:`mat_lightning.synthetic.dataset.GENERATORS`: it provides the
+generator interface (:func:`sample_scene`, :func:`render`, :func:`describe`, :func:`oracle_caption`,
+:func:`relayout`, :func:`scene_from_json`, :func:`thesaurus`, and the optional :func:`check_config`) that
+:func:`~mat_lightning.synthetic.dataset.write_world` and the asset builders call.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
 from mat_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mat_lightning.synthetic.dataset import WorldConfig
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Vocabulary. Each concept maps to the words that may name it; the first word is the canonical one.
@@ -143,6 +146,11 @@ class Scene:
         return Scene(background=d["background"], objects=tuple(SceneObject(**o) for o in d["objects"]))
 
 
+def scene_from_json(d: dict) -> Scene:
+    """The scene a data set entry stores (``Scene.to_json``)."""
+    return Scene.from_json(d)
+
+
 def _place(rng: random.Random, sizes: list[str], tries: int = 200) -> list[tuple[float, float]]:
     """Non-overlapping centres for objects of the given sizes, inside the frame."""
     centres: list[tuple[float, float]] = []
@@ -160,7 +168,7 @@ def _place(rng: random.Random, sizes: list[str], tries: int = 200) -> list[tuple
     return centres
 
 
-def sample_scene(
+def random_scene(
     rng: random.Random,
     max_objects: int = 3,
     min_objects: int = 1,
@@ -183,6 +191,27 @@ def sample_scene(
         for (s, c), z, (x, y) in zip(kinds, sizes, centres, strict=True)
     )
     return Scene(background=rng.choice(list(BACKGROUNDS)), objects=objects)
+
+
+def check_config(cfg: WorldConfig) -> None:
+    """Raise ConfigError when ``cfg``'s inventories cannot give its scenes."""
+    if cfg.n_colours * cfg.n_shapes < cfg.max_objects or not (1 <= cfg.min_objects <= cfg.max_objects):
+        raise ConfigError(
+            f"WorldConfig: {cfg.n_colours} colours x {cfg.n_shapes} shapes cannot give {cfg.max_objects} distinct "
+            f"objects per scene (min_objects={cfg.min_objects}); raise the inventories or lower max_objects"
+        )
+
+
+def sample_scene(rng: random.Random, cfg: WorldConfig) -> Scene:
+    """A scene of the world ``cfg`` describes: ``cfg.min_objects..max_objects`` objects of its first
+    ``n_colours`` colours and ``n_shapes`` shapes (the generator interface)."""
+    return random_scene(
+        rng,
+        cfg.max_objects,
+        cfg.min_objects,
+        list(COLOURS)[: cfg.n_colours],
+        list(SHAPE_WORDS)[: cfg.n_shapes],
+    )
 
 
 def relayout(scene: Scene, rng: random.Random) -> Scene:
@@ -335,115 +364,3 @@ def oracle_caption(scene: Scene, rng: random.Random) -> str:
     if rng.random() < 0.5:
         text += f" on a {scene.background} background"
     return text
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The data set on disk
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """Everything that determines the generated data set; its hash names the cache folder.
-
-    Attributes:
-        seed: master seed; the same config always writes the same files.
-        n_train, n_val, n_test: images per Karpathy split.
-        image_size: rendered side in pixels.
-        min_objects, max_objects: objects per scene are drawn from min_objects..max_objects.
-        n_colours, n_shapes: how many of the colours and shapes (in the order of ``COLOURS``/``SHAPE_WORDS``) occur.
-        captions_per_image: ground-truth captions per image (5, as Flickr30K).
-    """
-
-    seed: int = 0
-    n_train: int = 3000
-    n_val: int = 200
-    n_test: int = 200
-    image_size: int = 64
-    max_objects: int = 4
-    min_objects: int = 2
-    n_colours: int = 6
-    n_shapes: int = 6
-    captions_per_image: int = 5
-
-    def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True) + f"|format={FORMAT_VERSION}"
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-# Bump when the generator changes in a way that changes its output, so stale caches are not reused.
-FORMAT_VERSION = 1
-ANNOTATION_FILE = "dataset_synthetic.json"
-
-
-def _unique_captions(scene: Scene, rng: random.Random, n: int, max_tries: int = 50) -> list[str]:
-    caps: list[str] = []
-    for _ in range(max_tries):
-        c = describe(scene, rng)
-        if c not in caps:
-            caps.append(c)
-        if len(caps) == n:
-            break
-    while len(caps) < n:  # a one-object scene may have fewer than n distinct phrasings
-        caps.append(describe(scene, rng))
-    return caps
-
-
-def write_world(cfg: WorldConfig, root: str | Path) -> Path:
-    """Generate the data set into ``root`` (Karpathy JSON + PNGs) and return the annotation file's path.
-
-    Files are written to a temporary folder and renamed into place, so an interrupted run leaves no half world.
-    """
-    if cfg.n_colours * cfg.n_shapes < cfg.max_objects or not (1 <= cfg.min_objects <= cfg.max_objects):
-        raise ConfigError(
-            f"WorldConfig: {cfg.n_colours} colours x {cfg.n_shapes} shapes cannot give {cfg.max_objects} distinct "
-            f"objects per scene (min_objects={cfg.min_objects}); raise the inventories or lower max_objects"
-        )
-    root = Path(root)
-    tmp = root.with_name(root.name + ".partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    (tmp / "images").mkdir(parents=True)
-    rng = random.Random(cfg.seed)
-    images = []
-    sentid = 0
-    splits = ["train"] * cfg.n_train + ["val"] * cfg.n_val + ["test"] * cfg.n_test
-    for imgid, split in enumerate(splits):
-        scene = sample_scene(
-            rng,
-            cfg.max_objects,
-            cfg.min_objects,
-            list(COLOURS)[: cfg.n_colours],
-            list(SHAPE_WORDS)[: cfg.n_shapes],
-        )
-        filename = f"{imgid:06d}.png"
-        render(scene, cfg.image_size, rng).save(tmp / "images" / filename)
-        sentences = []
-        for raw in _unique_captions(scene, rng, cfg.captions_per_image):
-            sentences.append({"raw": raw, "tokens": raw.split(), "imgid": imgid, "sentid": sentid})
-            sentid += 1
-        images.append(
-            {
-                "filepath": "images",
-                "filename": filename,
-                "split": split,
-                "imgid": imgid,
-                "sentids": [s["sentid"] for s in sentences],
-                "sentences": sentences,
-                "scene": scene.to_json(),
-            }
-        )
-    meta = {
-        "dataset": "synthetic",
-        "world_config": asdict(cfg),
-        "format_version": FORMAT_VERSION,
-        "images": images,
-    }
-    (tmp / ANNOTATION_FILE).write_text(json.dumps(meta))
-    if root.exists():
-        import shutil
-
-        shutil.rmtree(root)
-    tmp.rename(root)
-    return root / ANNOTATION_FILE

@@ -15,8 +15,8 @@ change more than ``n`` words); synonyms are single words only (so a word count m
 punctuation stays attached to its word and the caption is not lower-cased (the reference strips both); and deletion
 never returns an empty caption (it keeps one random word).
 
-The thesaurus is pluggable: the synthetic world's (its colour, shape and size words; the default), NLTK's WordNet,
-or a JSON file ``{word: [synonym, ...]}``.
+The thesaurus is pluggable: NLTK's WordNet, or a JSON file ``{word: [synonym, ...]}`` such as the synthetic world's
+``thesaurus.json`` (in a ``mat`` config ``thesaurus: synthetic``, the default, which the CLI resolves to that file).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import string
 from functools import lru_cache
 from pathlib import Path
 
-from mat_lightning.errors import ConfigError, DataError
+from mat_lightning.errors import ConfigError, DataError, is_synthetic_name, unresolved_synthetic_name
 
 # Function words never replaced or used as insertion seeds: WordNet has "synonyms" for some of them ("in" -> "inch",
 # "a" -> "angstrom") that would only add noise. Spatial words (above, below, over, under) are left out on purpose:
@@ -65,7 +65,7 @@ class _WordNetThesaurus(_Thesaurus):
         except ImportError:
             raise ConfigError(
                 "eda thesaurus 'wordnet' needs NLTK: `pip install nltk`, then "
-                "`python -m nltk.downloader wordnet` (or use thesaurus: synthetic / a JSON file)"
+                "`python -m nltk.downloader wordnet` (or use a JSON file {word: [synonyms]}, e.g. thesaurus: synthetic)"
             ) from None
         try:
             wordnet.ensure_loaded()
@@ -96,22 +96,21 @@ def _wordnet_synonyms(word: str) -> tuple[str, ...]:
 
 
 def load_thesaurus(spec: str) -> _Thesaurus:
-    """``synthetic`` | ``wordnet`` | path of a JSON file ``{word: [synonym, ...]}``.
+    """``wordnet`` | path of a JSON file ``{word: [synonym, ...]}``.
 
     Raises:
-        ConfigError: ``wordnet`` without NLTK or its corpus.
+        ConfigError: ``wordnet`` without NLTK or its corpus; an unresolved ``synthetic`` name.
         DataError: the JSON file is missing or not a ``{str: [str]}`` object.
     """
-    if spec == "synthetic":
-        from mat_lightning.data.synthetic import thesaurus
-
-        return _DictThesaurus(thesaurus())
+    if is_synthetic_name(spec):
+        raise unresolved_synthetic_name("eda thesaurus", spec, "ensure_thesaurus(<preset>)")
     if spec == "wordnet":
         return _WordNetThesaurus()
     path = Path(spec)
     if not path.is_file():
         raise DataError(
-            f"eda thesaurus file not found: {path}. Use 'synthetic', 'wordnet' or a JSON file {{word: [synonyms]}}"
+            f"eda thesaurus file not found: {path}. Use 'wordnet' or a JSON file {{word: [synonyms]}} ('synthetic' in a "
+            "mat config)"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -147,8 +146,9 @@ class EDA:
         alpha_ri: random insertion rate; that many synonyms are inserted. 0 disables.
         alpha_rs: random swap rate; that many pairs of words are swapped. 0 disables.
         p_rd: random deletion probability of each word. 0 disables.
-        thesaurus: ``synthetic`` (the synthetic world's synonyms), ``wordnet`` (NLTK's WordNet; needs
-            ``python -m nltk.downloader wordnet``) or the path of a JSON file ``{word: [synonym, ...]}``.
+        thesaurus: ``wordnet`` (NLTK's WordNet; needs ``python -m nltk.downloader wordnet``) or the path of a JSON
+            file ``{word: [synonym, ...]}``; in a ``mat`` config also ``synthetic`` (the default: the data's world's
+            ``thesaurus.json``, resolved by the CLI).
         stop_words: words never replaced or used to pick an insertion (lower case); default: a short English
             list of function words (:data:`STOP_WORDS`).
 

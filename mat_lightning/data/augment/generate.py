@@ -316,7 +316,7 @@ USAGE = "usage: mat augment {rewrite,i2t} --model <folder> --annotations <file> 
 
 def main(argv: list[str]) -> None:
     """``mat augment rewrite|i2t ...``."""
-    from mat_lightning.eval.report import atomic_write
+    from mat_lightning.files import atomic_write
 
     if not argv or argv[0] not in ("rewrite", "i2t"):
         if argv[:1] in (["-h"], ["--help"]):

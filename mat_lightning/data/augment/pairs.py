@@ -87,50 +87,19 @@ class OneToMany:
 
     # -- set-up -------------------------------------------------------------------------------------------------------
 
-    def prepare(self, world: str | None = None) -> None:
-        """Build the synthetic world's augmentation files a ``synthetic:`` source names (the "download" step).
-
-        Args:
-            world: the data module's synthetic world preset (the default of ``synthetic:<kind>`` paths).
-        """
-        for source in (*self.caption_sources, *self.image_sources):
-            self._check_world(source, world)
-            source.resolve(world)
-
-    @staticmethod
-    def _check_world(source: PrecomputedCaptions | PrecomputedImages, world: str | None) -> None:
-        """A ``synthetic:`` source fits only the data module's own synthetic world."""
-        if source.synthetic is not None and world is None:
-            raise ConfigError(
-                f"{source!r}: synthetic augmentations only fit data.dataset=synthetic; for real data set "
-                "path to your generated JSON file"
-            )
-        preset = source.synthetic_preset
-        if preset is not None and world is not None and preset != world:
-            raise ConfigError(
-                f"{source!r} names world preset {preset!r}, but data.world={world!r}: their images differ. "
-                f"Use {source.spec.rsplit(':', 1)[0]!r} (follows data.world)."
-            )
-
-    def bind(
-        self, records: Sequence[ImageCaptions], image_size: int, world: str | None = None, cache: bool = True
-    ) -> None:
+    def bind(self, records: Sequence[ImageCaptions], image_size: int, cache: bool = True) -> None:
         """Attach the train split and check every source covers it, so a bad file fails now, not mid-epoch.
 
         Args:
             records: the train split's records; item ``i`` of the data set is ``records[i]``.
             image_size: side in pixels generated images are decoded to (the data module's).
-            world: the data module's synthetic world preset, or None for real data.
             cache: keep generated images in memory once decoded (the data module's ``preload``; off for real
                 data sets, where two generated images per Flickr30K image at 224 px are ~9 GB per worker).
 
         Raises:
-            ConfigError: a ``synthetic:`` source names another world than the data's, or is used on real data.
             DataError: a source file is missing, malformed or (strict) lacks an image of the split.
         """
         for source in (*self.caption_sources, *self.image_sources):
-            self._check_world(source, world)
-            source.resolve(world)
             source.check_covers([r.image_id for r in records])
         self.records, self.image_size, self.cache = records, image_size, cache
         self._decoded = {}

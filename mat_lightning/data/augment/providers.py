@@ -11,9 +11,10 @@ are expensive, so they are generated once (``mat augment rewrite|i2t``, or any s
 root as the annotation file writes it (``flickr30k-images/1000092795.jpg``; ``images/000001.png`` in the synthetic
 world).
 
-``path`` may also name the synthetic world's simulated generators: ``synthetic:<kind>`` or
-``synthetic:<kind>:<preset>`` with kind ``rewrite`` or ``i2t`` (captions) or ``t2i`` (images), built on first use by
-:func:`mat_lightning.world.ensure_augmentations`. Without a preset, the data module's world preset is used.
+In a ``mat`` config, ``path`` may also name the synthetic world's simulated generators, ``synthetic:<kind>`` or
+``synthetic:<kind>:<preset>`` (kind ``rewrite`` or ``i2t`` for captions, ``t2i`` for images): the CLI replaces the
+name by the file :func:`mat_lightning.synthetic.ensure_augmentations` builds (:mod:`mat_lightning.synthetic.resolve`),
+so this module only reads files.
 """
 
 from __future__ import annotations
@@ -23,22 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mat_lightning.errors import ConfigError, DataError
-
-CAPTION_KINDS = ("rewrite", "i2t")
-IMAGE_KINDS = ("t2i",)
-
-
-def _parse_synthetic(path: str, kinds: tuple[str, ...], what: str) -> tuple[str, str | None] | None:
-    """``synthetic:<kind>[:<preset>]`` -> (kind, preset or None); None for an ordinary path."""
-    if not path.startswith("synthetic:"):
-        return None
-    parts = path.split(":")
-    if len(parts) not in (2, 3) or parts[1] not in kinds:
-        raise ConfigError(
-            f"{what} path {path!r}: use 'synthetic:<kind>' or 'synthetic:<kind>:<preset>' with kind in {list(kinds)}"
-        )
-    return parts[1], (parts[2] if len(parts) == 3 else None)
+from mat_lightning.errors import DataError, is_synthetic_name, unresolved_synthetic_name
 
 
 def _read_mapping(path: Path, what: str) -> dict[str, list[str]]:
@@ -62,39 +48,26 @@ def _read_mapping(path: Path, what: str) -> dict[str, list[str]]:
 
 
 class _Precomputed:
-    kinds: tuple[str, ...] = ()
     what = ""
+    example = ""  # the synthetic-world name of this kind of source, for the error message
 
     def __init__(self, path: str, strict: bool = True) -> None:
         self.spec, self.strict = str(path), strict
-        self.synthetic = _parse_synthetic(self.spec, self.kinds, self.what)
-        self._path: Path | None = None if self.synthetic else Path(self.spec)
+        if is_synthetic_name(self.spec):
+            raise unresolved_synthetic_name(
+                f"{type(self).__name__} path",
+                self.spec,
+                f"ensure_augmentations(<preset>) / '{self.example}.json'",
+            )
+        self._path = Path(self.spec)
         self._data: dict[str, list[str]] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r}, strict={self.strict})"
 
     @property
-    def synthetic_preset(self) -> str | None:
-        """The world preset a ``synthetic:<kind>:<preset>`` path names (None: the data's world, or not synthetic)."""
-        return self.synthetic[1] if self.synthetic else None
-
-    def resolve(self, world: str | None = None) -> Path:
-        """The JSON file, building the synthetic world's augmentations when the path names them.
-
-        Args:
-            world: the data module's synthetic world preset, used when a ``synthetic:<kind>`` path names none.
-        """
-        if self._path is None:
-            from mat_lightning import world as assets
-
-            kind, preset = self.synthetic  # type: ignore[misc]
-            self._path = assets.ensure_augmentations(preset or world or "default") / f"{kind}.json"
-        return self._path
-
-    @property
     def path(self) -> Path:
-        return self.resolve()
+        return self._path
 
     @property
     def data(self) -> dict[str, list[str]]:
@@ -135,17 +108,17 @@ class PrecomputedCaptions(_Precomputed):
     """Captions per image from a JSON file ``{image_id: [caption, ...]}`` (LM rewrites, I2T captions).
 
     Args:
-        path: the JSON file, or ``synthetic:rewrite``/``synthetic:i2t`` (``[:<preset>]``) for the synthetic world's
-            simulated generators.
+        path: the JSON file (in a ``mat`` config also ``synthetic:rewrite``/``synthetic:i2t`` (``[:<preset>]``), the
+            synthetic world's simulated generators, which the CLI resolves to their file).
         strict: an image missing from the file is an error (default); otherwise it gets no extra captions.
 
     Raises:
-        ConfigError: a malformed ``synthetic:`` path.
+        ConfigError: an unresolved ``synthetic:`` name.
         DataError: (on first use) the file is missing or malformed, or lacks an image in strict mode.
     """
 
-    kinds = CAPTION_KINDS
     what = "caption augmentation"
+    example = "i2t"
 
     def __init__(self, path: str, strict: bool = True) -> None:
         super().__init__(path, strict)
@@ -163,18 +136,18 @@ class PrecomputedImages(_Precomputed):
     """Generated images per image from a JSON file ``{image_id: [relative image path, ...]}`` (T2I).
 
     Args:
-        path: the JSON file (image paths are relative to its folder), or ``synthetic:t2i[:<preset>]`` for the
-            synthetic world's re-rendered scenes.
+        path: the JSON file (image paths are relative to its folder; in a ``mat`` config also
+            ``synthetic:t2i[:<preset>]``, the synthetic world's re-rendered scenes, which the CLI resolves).
         strict: an image missing from the file is an error (default); otherwise it keeps its original only.
 
     Raises:
-        ConfigError: a malformed ``synthetic:`` path.
+        ConfigError: an unresolved ``synthetic:`` name.
         DataError: (on first use) the file is missing or malformed, lacks an image in strict mode, or lists an
             image file that does not exist.
     """
 
-    kinds = IMAGE_KINDS
     what = "image augmentation"
+    example = "t2i"
 
     def __init__(self, path: str, strict: bool = True) -> None:
         super().__init__(path, strict)
