@@ -1,8 +1,8 @@
 """Contrastive pretraining from scratch: how the synthetic world gets its "pretrained" CLIP.
 
 Real runs start from OpenAI/LAION weights; the synthetic world has no such weights, so we train its tiny CLIP on the
-world's train split once (cached by :mod:`mat_lightning.world`). A plain loop, not a Lightning Trainer: it runs
-inside other commands (``mat fit`` builds it on first use) and must not touch their loggers or checkpoints.
+world's train split once (cached by :mod:`mat_lightning.synthetic.assets`). A plain loop, not a Lightning Trainer:
+it runs inside other commands (``mat fit`` builds it on first use) and must not touch their loggers or checkpoints.
 """
 
 from __future__ import annotations
