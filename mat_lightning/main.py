@@ -117,6 +117,18 @@ ATTACK_NAMES = {
 SUITE = REPO_ROOT / "conf" / "attack" / "synthetic_suite.yaml"
 
 
+def suite_names() -> list[str]:
+    """The row labels of the suite ``mat eval`` picks its attacks from, in order."""
+    import yaml
+
+    return [row_name(a) for a in yaml.safe_load(SUITE.read_text())["attacks"]]
+
+
+def row_name(spec: dict) -> str:
+    """An attack spec's row label: its ``name`` init arg, else its class's (``BertAttack`` -> ``bert_attack``)."""
+    return spec.get("init_args", {}).get("name") or ATTACK_NAMES[spec["class_path"].rsplit(".", 1)[-1]]
+
+
 def _set_in(spec: dict, cls: str, key: str, value) -> None:
     """Set ``init_args[key]`` of every ``cls`` in an attack spec, including a multimodal attack's parts."""
     if spec.get("class_path", "").rsplit(".", 1)[-1] == cls:
@@ -131,7 +143,7 @@ def eval_attacks(names: str, mlm: str, eps_255: float | None) -> list[dict]:
     import yaml
 
     suite = yaml.safe_load(SUITE.read_text())["attacks"]
-    by_name = {ATTACK_NAMES[a["class_path"].rsplit(".", 1)[-1]]: a for a in suite}
+    by_name = {row_name(a): a for a in suite}
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in by_name]
     if unknown or not wanted:
@@ -180,7 +192,8 @@ def eval_args(argv: list[str]) -> list[str]:
     p.add_argument(
         "--attacks",
         default="pgd,bert_attack,sep_attack,co_attack,sga",
-        help="comma-separated: " + ",".join(ATTACK_NAMES.values()),
+        help="comma-separated rows of conf/attack/synthetic_suite.yaml (default: the papers' five): "
+        + ",".join(suite_names()),
     )
     p.add_argument("--eps", type=float, default=None, help="image budget in 1/255 (default 2, the papers')")
     p.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -41,7 +42,7 @@ def one_substitution(before: str, after: str) -> tuple[str, str] | None:
     return None
 
 
-def make(name: str, **kw):
+def make(cls_name: str, **kw):
     """A small-budget instance of each registered attack, wired to the tiny world's MLM."""
     bert = lambda: BertAttack(mlm=tiny_mlm(), top_k=5)  # noqa: E731
     return {
@@ -52,10 +53,12 @@ def make(name: str, **kw):
         "SGA": lambda: A.SGA(A.PGD(eps_255=2, steps=5, step_255=0.5), bert(), **kw),
         "TorchattacksAttack": lambda: A.TorchattacksAttack("PGD", 2, {"alpha_255": 0.5, "steps": 5}, **kw),
         "TextAttackWordSwap": lambda: A.TextAttackWordSwap("WordSwapNeighboringCharacterSwap", top_k=5, **kw),
-    }[name]()
+    }[cls_name]()
 
 
-CONCRETE = [n for n in A.__all__ if n not in ("Attack", "AttackResult", "TextAttackCandidates")]
+CONCRETE = [
+    n for n in A.__all__ if n not in ("Attack", "AttackResult", "TextAttackCandidates", "ThesaurusCandidates")
+]
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +318,132 @@ def test_textattack_transformation_as_candidate_generator():
     cands = gen.candidates(["a", "crimson", "disc"], 1, 5)
     assert 0 < len(cands) <= 5
     assert all(c != "crimson" and len(c) == len("crimson") for c in cands)
+
+
+# -- synonym-only substitution and row names ----------------------------------------------------------------------------
+
+
+def write_thesaurus(path, table: dict) -> str:
+    path.write_text(json.dumps(table))
+    return str(path)
+
+
+def test_thesaurus_candidates_are_only_the_synonyms(tmp_path):
+    from mat_lightning.errors import DataError
+
+    gen = A.ThesaurusCandidates(write_thesaurus(tmp_path / "t.json", {"red": ["crimson", "scarlet", "ruby"]}))
+    assert gen.candidates(["a", "red", "disc"], 1, 10) == ["crimson", "scarlet", "ruby"]
+    assert gen.candidates(["a", "red", "disc"], 1, 2) == ["crimson", "scarlet"]  # at most k
+    assert gen.candidates(["A", "Red,", "disc"], 1, 10) == [
+        "Crimson,",
+        "Scarlet,",
+        "Ruby,",
+    ]  # case, punctuation
+    assert gen.candidates(["a", "red", "disc"], 2, 10) == []  # a word it does not know is left alone
+    assert gen.candidates(["a", "...", "disc"], 1, 10) == []
+    with pytest.raises(DataError, match="ThesaurusCandidates thesaurus file not found"):
+        A.ThesaurusCandidates(str(tmp_path / "missing.json"))
+    with pytest.raises(DataError, match="expected an object"):
+        A.ThesaurusCandidates(write_thesaurus(tmp_path / "bad.json", {"red": "crimson"}))
+    with pytest.raises(ConfigError, match="resolved to paths by the mat CLI"):
+        A.ThesaurusCandidates("synthetic")
+
+
+def test_synonym_attack_changes_words_only_into_their_synonyms(flickr_test_json, tiny_encoder, tmp_path):
+    from mat_lightning.data.formats import read_annotations
+
+    table = {
+        "man": ["guy", "gentleman"],
+        "woman": ["lady"],
+        "people": ["persons", "folks"],
+        "shirt": ["top", "tee"],
+        "young": ["little", "youthful"],
+        "girl": ["lass"],
+        "standing": ["upright"],
+        "sitting": ["seated"],
+        "playing": ["performing"],
+        "holding": ["gripping", "carrying"],
+        "outside": ["outdoors"],
+        "boy": ["lad"],
+        "men": ["guys"],
+        "women": ["ladies"],
+    }
+    synonyms = {w: set(s) for w, s in table.items()}
+    captions = [c for r in read_annotations(flickr_test_json, "/")[:40] for c in r.captions]
+    attack = BertAttack(
+        candidate_generator=A.ThesaurusCandidates(write_thesaurus(tmp_path / "t.json", table)), max_words=3
+    )
+    adv = attack.perturb(tiny_encoder, captions, torch.arange(len(captions)), "embedding_kl")
+    changed = 0
+    for before, after in zip(captions, adv, strict=True):
+        b, a = before.split(" "), after.split(" ")
+        assert len(a) == len(b)  # one word for one word
+        diffs = [(x, y) for x, y in zip(b, a, strict=True) if x != y]
+        assert len(diffs) <= 3
+        for x, y in diffs:
+            core = x.strip(".,").lower()
+            assert y.strip(".,").lower() in synonyms[core], (x, y, before)
+        changed += bool(diffs)
+    assert changed > len(captions) // 2  # most captions hold a word of the thesaurus and get attacked
+
+
+def test_every_attack_takes_a_row_name():
+    for cls in CONCRETE:
+        default = make(cls)
+        named = make(cls, name="my_row")
+        assert named.name == "my_row" and default.name != "my_row" and make(cls).name == default.name
+        assert named.clone().name == "my_row" and named.with_eps(4).name == "my_row"
+    with pytest.raises(ConfigError, match="BertAttack name='two words'"):
+        BertAttack(mlm=tiny_mlm(), name="two words")
+
+
+def test_the_suite_parses_with_distinct_names_and_records_them(tiny_world):
+    """conf/attack/synthetic_suite.yaml, as the mat CLI builds it: names distinct, the extra rows as configured."""
+    from jsonargparse import ArgumentParser
+
+    from mat_lightning.eval.robust import RobustRetrievalEval, attack_config, check_distinct_names
+    from mat_lightning.main import SUITE, eval_attacks, suite_names
+    from mat_lightning.synthetic import ensure_thesaurus, resolve_config
+
+    parser = ArgumentParser()
+    parser.add_argument("--data.dataset", default="synthetic")
+    parser.add_argument("--data.world", default="tiny")
+    parser.add_argument("--data.annotations", default=None)
+    parser.add_class_arguments(RobustRetrievalEval, "robust_eval")
+    cfg = resolve_config(parser.parse_args([f"--robust_eval={SUITE}"]))
+    attacks = parser.instantiate(cfg).robust_eval.attacks
+    names = [a.name for a in attacks]
+    expected = [
+        "pgd",
+        "bert_attack",
+        "bert_attack_synonym",
+        "bert_attack_strong",
+        "sep_attack",
+        "co_attack",
+        "sga",
+    ]
+    assert names == expected == suite_names()
+    check_distinct_names(attacks)
+    synonym, strong = attacks[2], attacks[3]
+    assert isinstance(synonym.candidate_generator, A.ThesaurusCandidates) and synonym.max_words == 3
+    assert synonym.candidate_generator.thesaurus == str(ensure_thesaurus("tiny"))
+    assert (strong.top_k, strong.max_words, strong.objective, strong.mlm) == (
+        30,
+        2,
+        "image_cosine",
+        tiny_mlm(),
+    )
+    assert (attacks[1].top_k, attacks[1].max_words) == (10, 1)  # the papers' row is unchanged
+    recorded = attack_config(synonym)
+    assert recorded["name"] == "bert_attack_synonym"
+    assert recorded["candidate_generator"] == {
+        "class": "ThesaurusCandidates",
+        "thesaurus": str(ensure_thesaurus("tiny")),
+    }
+    assert "name" not in attack_config(attacks[1])  # rows without a name record what they always did
+    # mat eval picks rows by name, the BertAttack rows included
+    picked = eval_attacks("bert_attack_synonym,bert_attack,bert_attack_strong", "synthetic:tiny", None)
+    assert [p["init_args"].get("name") for p in picked] == ["bert_attack_synonym", None, "bert_attack_strong"]
 
 
 @pytest.mark.parametrize("name", ["PGD", "SepAttack", "CoAttack", "SGA", "TorchattacksAttack"])

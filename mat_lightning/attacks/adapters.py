@@ -66,6 +66,7 @@ class TorchattacksAttack(Attack):
             ``kwargs`` as ``alpha_255``).
         kwargs: other constructor arguments of the torchattacks class (``steps``, ``norm``, ``version``...).
             ``n_classes`` is set to the batch size for attacks that take it.
+        name: the row label (default ``torchattacks_<attack>``; see :class:`~mat_lightning.attacks.base.Attack`).
     """
 
     modality = "image"
@@ -76,10 +77,12 @@ class TorchattacksAttack(Attack):
         eps_255: float = 2.0,
         kwargs: dict[str, Any] | None = None,
         seed: int | None = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, name)
         self.attack, self._eps_255, self.kwargs = attack, float(eps_255), dict(kwargs or {})
-        self.name = f"torchattacks_{attack.lower()}"
+        if name is None:
+            self.name = f"torchattacks_{attack.lower()}"
 
     @property
     def eps_255(self) -> float:
@@ -214,6 +217,7 @@ class TextAttackWordSwap(BertAttack):
         transformation: class name in ``textattack.transformations``.
         transformation_kwargs: its constructor arguments.
         top_k, max_words, objective, stop_words: as :class:`BertAttack`.
+        name: the row label (default ``textattack_<transformation>``; see :class:`~mat_lightning.attacks.base.Attack`).
     """
 
     def __init__(
@@ -225,6 +229,7 @@ class TextAttackWordSwap(BertAttack):
         objective: TextObjective = "image_cosine",
         stop_words: list[str] | None = None,
         seed: int | None = 0,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             mlm="<textattack>",
@@ -234,5 +239,7 @@ class TextAttackWordSwap(BertAttack):
             stop_words=stop_words,
             candidate_generator=TextAttackCandidates(transformation, transformation_kwargs, seed or 0),
             seed=seed,
+            name=name,
         )
-        self.name = f"textattack_{transformation.lower()}"
+        if name is None:
+            self.name = f"textattack_{transformation.lower()}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,6 +136,9 @@ class Attack(ABC):
 
     Args:
         seed: seed of the attack's random generator (random starts, noise); None draws from torch's global RNG.
+        name: the attack's row label in results and metric keys, instead of the class's (``bert_attack``, ...):
+            two attacks of one class in a suite need distinct names (``bert_attack_synonym``). Letters, digits,
+            ``_``, ``-`` and ``.``; recorded in ``results.json``'s attack settings.
 
     Calls with ``sample_keys`` (or ``image_ids``) draw each row's randomness from its own stream seeded by (seed,
     key) (:meth:`randomness`), so an image gets the same noise in any batch. Calls without keys use the attack's
@@ -146,9 +150,16 @@ class Attack(ABC):
     name: str = "attack"
     modality: Modality = "image"
 
-    def __init__(self, seed: int | None = 0) -> None:
+    def __init__(self, seed: int | None = 0, name: str | None = None) -> None:
         self.seed = seed
         self._generator: torch.Generator | None = None
+        if name is not None:
+            if not isinstance(name, str) or not re.fullmatch(r"\w[\w.-]*", name):
+                raise ConfigError(
+                    f"{type(self).__name__} name={name!r}: a row label of letters, digits, '_', '-' and '.' (not "
+                    "first), e.g. bert_attack_synonym"
+                )
+            self.name = name  # an instance attribute: the class's label stays the default of the others
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The attack's own generator on ``device`` (created and seeded on first use)."""

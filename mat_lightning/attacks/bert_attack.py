@@ -149,8 +149,10 @@ class BertAttack(Attack):
             word attempted.
         stop_words: words never replaced nor proposed (default: :data:`~mat_lightning.attacks.stopwords.STOP_WORDS`).
         unk_token: the string that replaces a word when measuring its importance.
-        candidate_generator: propose substitutes another way (a TextAttack transformation) instead of the MLM.
+        candidate_generator: propose substitutes another way instead of the MLM: a thesaurus's synonyms
+            (:class:`~mat_lightning.attacks.candidates.ThesaurusCandidates`) or a TextAttack transformation.
         text_batch_size, mlm_batch_size: chunk sizes of the batched forwards.
+        name: the row label (default ``bert_attack``; see :class:`~mat_lightning.attacks.base.Attack`).
     """
 
     name = "bert_attack"
@@ -174,8 +176,9 @@ class BertAttack(Attack):
         text_batch_size: int = 1024,
         mlm_batch_size: int = 128,
         seed: int | None = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, name)
         if is_synthetic_name(mlm):
             raise unresolved_synthetic_name("BertAttack mlm", mlm, "ensure_mlm(<preset>)")
         if objective not in ("image_cosine", "embedding_kl"):

@@ -44,9 +44,14 @@ class _Composed(Attack):
     modality = "multimodal"
 
     def __init__(
-        self, image_attack: PGD | None, text_attack: BertAttack | None, step_255: float, seed: int | None
+        self,
+        image_attack: PGD | None,
+        text_attack: BertAttack | None,
+        step_255: float,
+        seed: int | None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, name)
         self.image_attack = (
             image_attack.clone()
             if image_attack is not None
@@ -98,14 +103,19 @@ class SepAttack(_Composed):
     Args:
         image_attack: the image attack with its own objective (default: PGD ε = 2/255, 10 x 0.5/255, contrastive).
         text_attack: the text attack with its own objective (default: BERT-Attack, image-guided).
+        name: the row label (default ``sep_attack``; see :class:`~mat_lightning.attacks.base.Attack`).
     """
 
     name = "sep_attack"
 
     def __init__(
-        self, image_attack: PGD | None = None, text_attack: BertAttack | None = None, seed: int | None = 0
+        self,
+        image_attack: PGD | None = None,
+        text_attack: BertAttack | None = None,
+        seed: int | None = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(image_attack, text_attack, 0.5, seed)
+        super().__init__(image_attack, text_attack, 0.5, seed, name)
 
     def forward(
         self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor
@@ -123,6 +133,7 @@ class CoAttack(_Composed):
             Co-Attack's setting); its own objective is replaced by Co-Attack's.
         text_attack: the text part; its objective is replaced by ``embedding_kl``.
         alpha: weight of the image-text KL term (Co-Attack's ``--alpha``, 3.0).
+        name: the row label (default ``co_attack``; see :class:`~mat_lightning.attacks.base.Attack`).
     """
 
     name = "co_attack"
@@ -133,8 +144,9 @@ class CoAttack(_Composed):
         text_attack: BertAttack | None = None,
         alpha: float = 3.0,
         seed: int | None = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(image_attack, text_attack, 0.25, seed)
+        super().__init__(image_attack, text_attack, 0.25, seed, name)
         if alpha < 0:
             raise ConfigError(f"CoAttack alpha={alpha}: must be >= 0")
         self.alpha = alpha
@@ -190,6 +202,7 @@ class SGA(_Composed):
             adversarial, image).
         scales: rescaling factors of the image copies (SGA: 0.5, 0.75, 1.25, 1.5).
         noise_std: Gaussian noise added to each copy (SGA: 0.05).
+        name: the row label (default ``sga``; see :class:`~mat_lightning.attacks.base.Attack`).
     """
 
     name = "sga"
@@ -201,8 +214,9 @@ class SGA(_Composed):
         scales: list[float] | None = None,
         noise_std: float = 0.05,
         seed: int | None = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(image_attack, text_attack, 0.5, seed)
+        super().__init__(image_attack, text_attack, 0.5, seed, name)
         self.scales = list(scales) if scales is not None else [0.5, 0.75, 1.25, 1.5]
         if any(s <= 0 for s in self.scales) or noise_std < 0:
             raise ConfigError(f"SGA scales={self.scales} must be > 0 and noise_std={noise_std} >= 0")

@@ -63,6 +63,7 @@ class PGD(Attack):
             the evaluation split's clean embeddings; robust evaluation only), ``caption_cosine``, ``embedding_kl``,
             ``embedding_l2``, ``cross_entropy``.
         seed: seed of the random start (per image when the call gives sample keys).
+        name: the row label (default ``pgd``; see :class:`~mat_lightning.attacks.base.Attack`).
     """
 
     name = "pgd"
@@ -78,8 +79,9 @@ class PGD(Attack):
         momentum: float = 0.0,
         objective: str = "contrastive",
         seed: int | None = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, name)
         if objective not in IMAGE_OBJECTIVES:
             raise ConfigError(f"PGD objective={objective!r}; choose one of {sorted(IMAGE_OBJECTIVES)}")
         if norm not in ("linf", "l2"):

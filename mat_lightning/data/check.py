@@ -45,7 +45,7 @@ def main(argv: list[str], resolve: Callable[[Namespace], Namespace] | None = Non
     cfg = parser.parse_args(argv, defaults=True)
     if resolve is not None:
         cfg = resolve(cfg)
-    dm: RetrievalDataModule = parser.instantiate_classes(cfg).data
+    dm: RetrievalDataModule = parser.instantiate(cfg).data
     dm.prepare_data()
     console = Console()
     table = Table(title=f"{dm.dataset} ({dm.root or 'synthetic world'})")

@@ -443,12 +443,16 @@ class RobustRetrievalEval(L.Callback):
 def attack_config(attack: Attack) -> dict:
     """A JSON-able, process-independent description of an attack's settings (class, ε, public attributes).
 
-    Sets (stop words) become their size and a content hash; other objects their class name.
+    Sets (stop words) become their size and a content hash; the package's own helper objects (a candidate
+    generator) their class and public attributes; other objects their class name.
     """
 
     def value(v):
         if isinstance(v, Attack):
             return attack_config(v)
+        if type(v).__module__.startswith("mat_lightning.") and hasattr(v, "__dict__"):
+            public = {k: value(x) for k, x in vars(v).items() if not k.startswith("_")}
+            return {"class": type(v).__name__, **public}
         if v is None or isinstance(v, bool | int | float | str):
             return v
         if isinstance(v, list | tuple):

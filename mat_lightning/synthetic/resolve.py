@@ -103,21 +103,32 @@ class _Resolver:
         if key == "pretrained":
             return str(assets.ensure_clip(preset_of(value, where, self.world)))
         if key == "thesaurus":
+            self.warn_on_real_data(where, value, "thesaurus")
             return str(assets.ensure_thesaurus(preset_of(value, where, self.world)))
         if key == "path":
             return self.augmentation(value, where, cls)
         return value
 
+    def warn_on_real_data(self, where: str, name: str, what: str) -> None:
+        """The world's masked LM or thesaurus knows only the world's words: on real captions, say so."""
+        if self.dataset in (None, "synthetic"):
+            return
+        advice = {
+            "masked LM": "proposes letters for the rest. Give a real MLM, e.g. bert-base-uncased or a local folder "
+            "written by save_pretrained.",
+            "thesaurus": "leaves the rest alone. Give thesaurus: wordnet or a JSON file {word: [synonyms]}.",
+        }[what]
+        log.warning(
+            "%s=%r: the synthetic world's %s on %s captions knows only the world's words and %s",
+            where,
+            name,
+            what,
+            self.dataset,
+            advice,
+        )
+
     def mlm(self, name: str, where: str) -> str:
-        if self.dataset not in (None, "synthetic"):
-            log.warning(
-                "%s=%r: the synthetic world's masked LM on %s captions knows only the world's words and proposes "
-                "letters for the rest. Give a real MLM, e.g. bert-base-uncased or a local folder written by "
-                "save_pretrained.",
-                where,
-                name,
-                self.dataset,
-            )
+        self.warn_on_real_data(where, name, "masked LM")
         return str(assets.ensure_mlm(preset_of(name, where, self.world)))
 
     def augmentation(self, name: str, where: str, cls: str | None) -> str:

@@ -21,13 +21,11 @@ The thesaurus is pluggable: NLTK's WordNet, or a JSON file ``{word: [synonym, ..
 
 from __future__ import annotations
 
-import json
 import random
 import string
-from functools import lru_cache
-from pathlib import Path
 
-from mat_lightning.errors import ConfigError, DataError, is_synthetic_name, unresolved_synthetic_name
+from mat_lightning.data.thesaurus import load_thesaurus
+from mat_lightning.errors import ConfigError
 
 # Function words never replaced or used as insertion seeds: WordNet has "synonyms" for some of them ("in" -> "inch",
 # "a" -> "angstrom") that would only add noise. Spatial words (above, below, over, under) are left out on purpose:
@@ -39,94 +37,6 @@ STOP_WORDS: frozenset[str] = frozenset(
     why how all any both each few more most other some such no not only own same too very can will just should now
     s t""".split()
 )
-
-
-class _Thesaurus:
-    """word -> synonyms (single words, never the word itself). Picklable, so DataLoader workers can use it."""
-
-    def synonyms(self, word: str) -> list[str]:
-        raise NotImplementedError
-
-
-class _DictThesaurus(_Thesaurus):
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-
-    def synonyms(self, word: str) -> list[str]:
-        return self.table.get(word, [])
-
-
-class _WordNetThesaurus(_Thesaurus):
-    """Synonyms from the lemmas of every WordNet synset of the word (as the EDA reference does)."""
-
-    def __init__(self) -> None:
-        try:
-            from nltk.corpus import wordnet
-        except ImportError:
-            raise ConfigError(
-                "eda thesaurus 'wordnet' needs NLTK: `pip install nltk`, then "
-                "`python -m nltk.downloader wordnet` (or use a JSON file {word: [synonyms]}, e.g. thesaurus: synthetic)"
-            ) from None
-        try:
-            wordnet.ensure_loaded()
-        except LookupError:
-            raise ConfigError(
-                "eda thesaurus 'wordnet': the NLTK WordNet corpus is not installed. Install it with "
-                "`python -m nltk.downloader wordnet` (or copy it into a folder on $NLTK_DATA), or set "
-                "thesaurus to 'synthetic' or to a JSON file {word: [synonyms]}"
-            ) from None
-
-    def synonyms(self, word: str) -> list[str]:
-        return list(_wordnet_synonyms(word))
-
-
-@lru_cache(maxsize=65536)
-def _wordnet_synonyms(word: str) -> tuple[str, ...]:
-    from nltk.corpus import wordnet
-
-    found = {
-        lemma.name().lower()
-        for synset in wordnet.synsets(word)
-        for lemma in synset.lemmas()
-        if "_" not in lemma.name() and "-" not in lemma.name()
-    }
-    found.discard(word)
-    # Sorted: the draw must not depend on set order, which differs between processes (hash seeds).
-    return tuple(sorted(found))
-
-
-def load_thesaurus(spec: str) -> _Thesaurus:
-    """``wordnet`` | path of a JSON file ``{word: [synonym, ...]}``.
-
-    Raises:
-        ConfigError: ``wordnet`` without NLTK or its corpus; an unresolved ``synthetic`` name.
-        DataError: the JSON file is missing or not a ``{str: [str]}`` object.
-    """
-    if is_synthetic_name(spec):
-        raise unresolved_synthetic_name("eda thesaurus", spec, "ensure_thesaurus(<preset>)")
-    if spec == "wordnet":
-        return _WordNetThesaurus()
-    path = Path(spec)
-    if not path.is_file():
-        raise DataError(
-            f"eda thesaurus file not found: {path}. Use 'wordnet' or a JSON file {{word: [synonyms]}} ('synthetic' in a "
-            "mat config)"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"eda thesaurus file {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, list) and all(isinstance(s, str) for s in v)
-        for k, v in data.items()
-    ):
-        raise DataError(f'eda thesaurus file {path}: expected an object {{"word": ["synonym", ...]}}')
-    table: dict[str, list[str]] = {}
-    for word, syns in data.items():
-        key = word.strip().lower()
-        clean = [s.strip().lower() for s in syns if s.strip() and " " not in s.strip()]
-        table[key] = [s for s in dict.fromkeys(clean) if s != key]
-    return _DictThesaurus(table)
 
 
 def _split_punct(token: str) -> tuple[str, str, str]:
@@ -174,7 +84,7 @@ class EDA:
             raise ConfigError("eda: every rate is 0, so EDA would never change a caption; set at least one")
         self.alpha_sr, self.alpha_ri, self.alpha_rs, self.p_rd = alpha_sr, alpha_ri, alpha_rs, p_rd
         self.thesaurus_name = thesaurus
-        self.thesaurus = load_thesaurus(thesaurus)
+        self.thesaurus = load_thesaurus(thesaurus, "eda thesaurus")
         self.stop_words = STOP_WORDS if stop_words is None else frozenset(w.lower() for w in stop_words)
         ops = [
             (self.alpha_sr, self.synonym_replacement),
