@@ -14,8 +14,8 @@ imports no training stack and hands the rest to :func:`main` here.
 ``conf/base.yaml`` is a default config file of every subcommand. Before any class is built, the synthetic world's
 names in the config (``data.dataset: synthetic``, ``pretrained/mlm/thesaurus: synthetic``, ``synthetic:<kind>``
 augmentation paths) become the paths of its cached assets (:func:`mat_lightning.synthetic.resolve_config`, in
-:meth:`MatCLI.before_instantiate_classes`), on a copy: the saved ``config.yaml`` keeps the names. Each run gets its own directory,
-``<run_root>/<experiment>/<timestamp>/``, holding ``config.yaml``, ``checkpoints/``, ``results.*``, ``curves.png``
+:meth:`MatCLI.before_instantiate_classes`), on a copy: the saved ``config.yaml`` keeps the names. Each run gets its
+own directory, ``<run_root>/<experiment>/<timestamp>/``, holding ``config.yaml``, ``checkpoints/``, ``results.*``, ``curves.png``
 and the W&B files; the saved ``config.yaml`` re-runs into a new folder. A command that evaluated prints one results
 table last (wrapped to the terminal width, full metric names), then only the run folder; Lightning's metric table,
 W&B's summary and known third-party warnings are off. User errors (:class:`~mat_lightning.errors.MatError`, also when
