@@ -16,7 +16,7 @@ QUIET := --trainer.enable_progress_bar=false --robust_eval.progress=false
 # User values never become shell or Make text. `$(call q,X)` is X's raw text (`value`: no Make expansion) as one
 # single-quoted shell word; recipes read them as shell variables and quote every use. `unexport`: Make would
 # otherwise expand command-line variables (running any `$(shell ...)` in them) to export them to every recipe.
-USER_VARS := VENV NAME ARGS CKPT RUNS OUT SEEDS DEFENSES ABLATIONS BENCH_ROOT RUN_ROOT DATA ROOT
+USER_VARS := VENV NAME ARGS CKPT RUNS OUT SEEDS DEFENSES ABLATIONS BENCH_ROOT RUN_ROOT DATA ROOT JOBS
 unexport $(USER_VARS)
 q = '$(subst ','\'',$(value $(1)))'
 # Shell prelude of the recipes: user values as shell variables, ARGS split on blanks only (`set -f`: no globbing;
@@ -24,7 +24,7 @@ q = '$(subst ','\'',$(value $(1)))'
 VARS = set -f; venv=$(call q,VENV); name=$(call q,NAME); args=$(call q,ARGS); ckpt=$(call q,CKPT); \
 	runs=$(call q,RUNS); out=$(call q,OUT); seeds=$(call q,SEEDS); defenses=$(call q,DEFENSES); \
 	ablations=$(call q,ABLATIONS); bench_root=$(call q,BENCH_ROOT); run_root=$(call q,RUN_ROOT); extra=($$args); mat="$$venv/bin/mat"; \
-	data=$(call q,DATA); root=$(call q,ROOT); \
+	data=$(call q,DATA); root=$(call q,ROOT); jobs=$(call q,JOBS); \
 	py="$$venv/bin/python"; \
 	check_name() { \
 	  if [[ ! $$1 =~ ^[A-Za-z0-9_]+$$ ]]; then \
@@ -40,7 +40,7 @@ VARS = set -f; venv=$(call q,VENV); name=$(call q,NAME); args=$(call q,ARGS); ck
 	  done; \
 	};
 
-.PHONY: help install test test-full lint experiment print-config eval seeds table bench benchmark clean grid gpu-check
+.PHONY: help install test test-full lint experiment print-config eval seeds table bench benchmark calibrate clean grid gpu-check
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -98,24 +98,28 @@ table:  ## Paper-style table of all runs under runs/ (or RUNS="dir ...")
 	@$(VARS) runs_list=($${runs:-runs}); \
 	"$$mat" report "$${runs_list[@]}" --out "$${out:-runs}"
 
-benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations x 1 seed, then the table
+benchmark:  ## The synthetic benchmark: 8 defenses x 3 seeds + mat_1n ablations x 1 seed, then the table (JOBS=2: 2 runs at a time)
 	@$(VARS) set -e; \
 	for d in $$defenses; do check_name "synthetic_$$d" DEFENSES; done; \
 	for a in $$ablations; do check_name "synthetic_mat_1n_$$a" ABLATIONS; done; \
-	check_seeds; \
-	start=$$(date +%s); \
-	for d in $$defenses; do for s in $$seeds; do \
-	  echo "== synthetic_$$d seed $$s"; \
-	  "$$mat" fit --config "experiments/synthetic_$$d.yaml" --seed_everything="$$s" --run_root="$$bench_root" \
-	    $(QUIET) "$${extra[@]}" > /dev/null; \
-	done; done; \
-	for a in $$ablations; do \
-	  echo "== synthetic_mat_1n_$$a seed 0"; \
-	  "$$mat" fit --config "experiments/synthetic_mat_1n_$$a.yaml" --seed_everything=0 --run_root="$$bench_root" \
-	    $(QUIET) "$${extra[@]}" > /dev/null; \
+	check_seeds; jobs=$${jobs:-1}; \
+	[[ $$jobs =~ ^[1-9][0-9]?$$ ]] || { printf "error: JOBS must be a number of parallel runs (1-99), got '%s'\n" "$$jobs" >&2; exit 2; }; \
+	: one torch thread per run when runs share the cores; \
+	if (( jobs > 1 )); then export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; fi; \
+	queue=(); for d in $$defenses; do for s in $$seeds; do queue+=("synthetic_$$d $$s"); done; done; \
+	for a in $$ablations; do queue+=("synthetic_mat_1n_$$a 0"); done; \
+	start=$$(date +%s); failed=0; \
+	for item in "$${queue[@]}"; do \
+	  set -- $$item; \
+	  echo "== $$1 seed $$2"; \
+	  "$$mat" fit --config "experiments/$$1.yaml" --seed_everything="$$2" --run_root="$$bench_root" \
+	    $(QUIET) "$${extra[@]}" > /dev/null & \
+	  while (( $$(jobs -rp | wc -l) >= jobs )); do wait -n || failed=1; done; \
 	done; \
+	while (( $$(jobs -rp | wc -l) > 0 )); do wait -n || failed=1; done; \
 	echo "benchmark wall time: $$(( ($$(date +%s) - start) / 60 )) min"; \
-	attacks=(--attacks clean pgd bert_attack sep_attack co_attack sga); \
+	(( failed == 0 )) || { echo "error: a benchmark run failed (its log: rerun it with make experiment)" >&2; exit 1; }; \
+	attacks=(--attacks clean pgd bert_attack bert_attack_synonym bert_attack_strong sep_attack co_attack sga); \
 	"$$mat" report "$$bench_root" --out "$$bench_root" "$${attacks[@]}"; \
 	"$$mat" report "$$bench_root" --out "$$bench_root/r10" --metrics tr_r10 ir_r10 "$${attacks[@]}"
 
@@ -129,6 +133,9 @@ grid:  ## The paper's grid on DATA=flickr30k|coco (ROOT=<data folder>): every ex
 	  echo "== $$n ($$cmd)" >&2; \
 	  "$$mat" "$$cmd" --config "$$f" "$${root_arg[@]}" $(QUIET) "$${extra[@]}"; \
 	done
+
+calibrate:  ## The world vs. CLIP ViT-B/16 on Flickr30K: flip rates of the pretrained world CLIP (ARGS="--data.world=classic")
+	@$(VARS) "$$py" -m benchmarks.calibrate "$${extra[@]}"
 
 gpu-check:  ## GPU readiness (<= 5 min, no downloads): rates per stage, peak memory, projected grid hours
 	@$(VARS) "$$py" -m benchmarks.gpu_check "$${extra[@]}"

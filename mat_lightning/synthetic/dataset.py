@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 from mat_lightning.errors import ConfigError
-from mat_lightning.synthetic import classic
+from mat_lightning.synthetic import classic, rich
 
 # Bump when a generator changes in a way that changes its output, so stale caches are not reused.
 FORMAT_VERSION = 1
@@ -35,7 +35,7 @@ ANNOTATION_FILE = "dataset_synthetic.json"
 THESAURUS_FILE = "thesaurus.json"
 
 #: Scene generators by name (``WorldConfig.generator``); the module docstring lists what each provides.
-GENERATORS: dict[str, ModuleType] = {"classic": classic}
+GENERATORS: dict[str, ModuleType] = {"classic": classic, "rich": rich}
 
 # Fields added after worlds were first cached, with the value that reproduces the worlds of before: at that value
 # a field is left out of the config's identity, so the digests (cache folder names) of existing worlds, and of the
@@ -71,12 +71,17 @@ class WorldConfig:
     generator: str = "classic"
 
     def identity(self) -> dict:
-        """The fields as hashed and recorded: those at their ``_IDENTITY_DEFAULTS`` value are left out."""
-        return {
+        """The fields as hashed and recorded: those at their ``_IDENTITY_DEFAULTS`` value are left out; a generator
+        with a ``VERSION`` adds it (so a changed generator never reuses the caches of its previous output)."""
+        out = {
             k: v
             for k, v in asdict(self).items()
             if not (k in _IDENTITY_DEFAULTS and v == _IDENTITY_DEFAULTS[k])
         }
+        version = getattr(GENERATORS.get(self.generator), "VERSION", None)
+        if version is not None:
+            out["generator_version"] = version
+        return out
 
     def digest(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True) + f"|format={FORMAT_VERSION}"

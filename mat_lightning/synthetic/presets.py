@@ -29,6 +29,11 @@ PRESETS: dict[str, Preset] = {
         PretrainConfig(),
         notes="3000/200/200 images of 2-4 objects, 64 px, tiny CLIP 700 steps",
     ),
+    "rich": Preset(
+        WorldConfig(n_train=10000, n_val=200, n_test=1000, max_objects=3, generator="rich"),
+        PretrainConfig(model_name="mat-rich16", steps=3000, batch_size=256, lr=3e-3),
+        notes="calibration candidate",
+    ),
     # Tests: small enough to build in seconds, good enough that attacks visibly lower recall.
     "tiny": Preset(
         WorldConfig(seed=1, n_train=384, n_val=32, n_test=32),

@@ -6,7 +6,8 @@ Configs name the synthetic world's assets by strings, as real configs name hub m
 in the config                               becomes (built and cached on first use, :mod:`.assets`)
 ==========================================  ======================================================================
 ``data.dataset: synthetic``                 ``data.annotations``: the world's Karpathy file (``data.world`` preset)
-``pretrained: synthetic[:<preset>]``        the world's tiny CLIP checkpoint (any ``pretrained`` key)
+``pretrained: synthetic[:<preset>]``        the world's tiny CLIP checkpoint (any ``pretrained`` key; a sibling
+                                            ``model_name`` becomes the preset's CLIP architecture)
 ``mlm: synthetic[:<preset>]``               the world's masked LM folder (any ``mlm`` key: ``robust_eval.mlm``,
                                             attacks, nested attacks, defenses' training attacks)
 ``local_models: {hub name: synthetic...}``  the world's masked LM folder
@@ -31,7 +32,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mat_lightning.errors import ConfigError, is_synthetic_name
-from mat_lightning.synthetic import assets
+from mat_lightning.synthetic import assets, presets
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ class _Resolver:
             new = self.value(key, value, here, cls)
             if new is not value:
                 _set(node, key, new)
+                if key == "pretrained" and _get(node, "model_name") is not None:
+                    # The world's CLIP is a checkpoint *and* its architecture (a preset may size its CLIP).
+                    name = presets.preset(preset_of(value, here, self.world)).clip.model_name
+                    _set(node, "model_name", name)
             else:
                 self.walk(value, here, class_path if key == "init_args" else None)
 
