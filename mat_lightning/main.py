@@ -187,7 +187,7 @@ def eval_args(argv: list[str]) -> list[str]:
         "--data-root", default=None, help="folder with the annotations and images (real data sets)"
     )
     p.add_argument("--annotations", default=None, help="annotation file (custom; default: in --data-root)")
-    p.add_argument("--world", default=None, help="synthetic world preset (default, tiny)")
+    p.add_argument("--world", default=None, help="synthetic world preset (default, rich, tiny)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument(
         "--attacks",

@@ -140,3 +140,26 @@ def test_data_check_resolves_the_world(tiny_world, capsys):
     main(["data", "check", "--data.dataset=synthetic", "--data.world=tiny", "--decode=false"])
     out = capsys.readouterr().out
     assert "synthetic (synthetic world)" in out and "384" in out and out.count("ok") == 3
+
+
+def test_the_world_clip_brings_its_architecture(monkeypatch, tmp_path):
+    """``pretrained: synthetic`` names the preset's CLIP, checkpoint and architecture: a preset that sizes its CLIP
+    (rich: ``mat-rich16``) replaces the config's ``model_name``; others keep it."""
+    from mat_lightning.synthetic import assets
+
+    monkeypatch.setattr(
+        assets, "ensure_clip", lambda name: tmp_path / f"clip-{name}.pt"
+    )  # no 12-min build here
+    encoder = {
+        "class_path": "OpenClipEncoder",
+        "init_args": {"model_name": "mat-tiny", "pretrained": "synthetic:rich"},
+    }
+    cfg = resolve_config({"model": {"encoder": encoder}})
+    assert cfg["model"]["encoder"]["init_args"] == {
+        "model_name": synthetic.PRESETS["rich"].clip.model_name,
+        "pretrained": str(tmp_path / "clip-rich.pt"),
+    }
+    assert synthetic.PRESETS["rich"].clip.model_name == "mat-rich16"
+    encoder["init_args"] = {"model_name": "mat-tiny", "pretrained": "synthetic:tiny"}
+    cfg = resolve_config({"model": {"encoder": encoder}})
+    assert cfg["model"]["encoder"]["init_args"]["model_name"] == "mat-tiny"
