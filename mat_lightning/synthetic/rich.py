@@ -5,11 +5,11 @@ the scene, so replacing one colour word swaps the caption to another scene and e
 (flip rate ~98 % vs 28-39 % for CLIP ViT-B/16 on Flickr30K). Here a scene has more to say and a caption says
 more of it, so one changed word *moves* a caption without making it describe another image:
 
-* **objects**: 2-4 per scene, each shape (6) x colour (7) x pattern (plain, striped, dotted, checkered) x size
-  (small, medium, large); small objects are the "distractors" that captions mention only sometimes;
-* **context**: the backdrop colour (4), the ground strip (grass, sand, water, snow, or none) and the lighting
-  (bright, dim, warm), all visible in the image;
-* **captions**: ~12 words (Flickr30K's mean), from several templates that mention the salient objects with some of
+* **objects**: 2-3 per scene (the preset's ``max_objects``), each shape (6) x colour (7) x pattern (plain, striped,
+  dotted) x size (small, large); small objects are the "distractors" that captions mention only half the time;
+* **context**: the backdrop colour (4), the ground strip (grass, sand, water, snow, or none), the lighting
+  (bright, dim, warm) and the weather (clear, rain, snow, fog), all visible in the image;
+* **captions**: 15 words on average (9-25; Flickr30K's mean is ~12), from five templates that mention the salient objects with some of
   their attributes, a relation, a count and one or two context phrases; synonyms vary the words ("a striped crimson
   disc on the sand in dim light", "two shapes on a beach at dusk: ...").
 
@@ -199,7 +199,7 @@ def scene_from_json(d: dict) -> RichScene:
 def _place(rng: random.Random, sizes: list[str], tries: int = 300) -> list[tuple[float, float]]:
     """Centres for objects of the given sizes, inside the frame and apart (a little overlap at worst)."""
     centres: list[tuple[float, float]] = []
-    for i, size in enumerate(sizes):
+    for size in sizes:
         r = RADIUS[size]
         best, best_gap = (0.5, 0.5), -1.0
         for _ in range(tries):
@@ -213,14 +213,13 @@ def _place(rng: random.Random, sizes: list[str], tries: int = 300) -> list[tuple
                 break
             if gap > best_gap:
                 best, best_gap = (x, y), gap
-        del i
         centres.append(best)
     return centres
 
 
 def sample_scene(rng: random.Random, cfg: Any) -> RichScene:
     """A random scene: ``cfg.min_objects``..``cfg.max_objects`` objects with distinct (shape, colour, pattern),
-    at least one of them medium or large (every image has a subject)."""
+    at least one of them large (every image has a subject)."""
     n = rng.randint(cfg.min_objects, cfg.max_objects)
     kinds: list[tuple[str, str, str]] = []
     while len(kinds) < n:
@@ -299,8 +298,6 @@ def _pattern_mask(pattern: str, size: int, phase: int) -> np.ndarray:
         return ((yy + phase) // 2) % 2 == 0
     if pattern == "dotted":
         return ((yy + phase) % 5 < 2) & ((xx + phase) % 5 < 2)
-    if pattern == "checkered":
-        return (((yy + phase) // 3) + (xx // 3)) % 2 == 0
     return np.zeros((size, size), dtype=bool)
 
 
@@ -337,7 +334,7 @@ def render(scene: RichScene, size: int = 64, rng: random.Random | None = None) -
         second = _pattern_mask(o.pattern, size, rng.randint(0, 5) if rng else 0)
         if o.pattern == "striped":
             tone = colour * 0.35
-        elif o.pattern in ("dotted", "checkered"):
+        elif o.pattern == "dotted":
             tone = np.full(3, 245.0, dtype=np.float32)
         else:
             tone = colour
@@ -389,7 +386,7 @@ def _noun_phrase(o: RichObject, rng: random.Random, detail: float) -> str:
 
 
 def _context(scene: RichScene, rng: random.Random, n: int) -> list[str]:
-    """Up to ``n`` context phrases (ground, light, backdrop) in random order."""
+    """Up to ``n`` context phrases (ground, light, weather, backdrop) in random order."""
     options = []
     if scene.ground != "none":
         options.append(rng.choice(GROUND_PHRASES[scene.ground]))
@@ -404,7 +401,7 @@ def _context(scene: RichScene, rng: random.Random, n: int) -> list[str]:
 
 
 def _mentioned(scene: RichScene, rng: random.Random) -> list[RichObject]:
-    """The objects a caption names: salient ones almost always, small ones sometimes; at least two (or all)."""
+    """The objects a caption names: large ones always, small ones half the time; at least two (or all), at most three."""
     objs = sorted(scene.objects, key=lambda o: -RADIUS[o.size])
     named = [o for o in objs if rng.random() < P_MENTION[o.size]]
     for o in objs:
