@@ -13,6 +13,7 @@ from PIL import Image
 
 from mat_lightning import synthetic
 from mat_lightning.data.formats import read_annotations
+from mat_lightning.errors import ConfigError
 from mat_lightning.synthetic import classic as S
 from mat_lightning.synthetic import dataset as D
 
@@ -191,7 +192,6 @@ class _StubGenerator:
 
 
 def test_world_and_augmentations_come_from_the_registered_generator(tmp_path, monkeypatch):
-    from mat_lightning.errors import ConfigError
     from mat_lightning.models.pretrain import PretrainConfig
 
     monkeypatch.setenv("MAT_CACHE_DIR", str(tmp_path))
@@ -224,3 +224,37 @@ def test_an_old_world_folder_gets_its_thesaurus_on_first_use(tmp_path, monkeypat
     path.unlink()  # as in a world cached before the file existed
     assert synthetic.ensure_thesaurus("old") == path
     assert json.loads(path.read_text()) == S.thesaurus()
+
+
+def _pairs(caption: str) -> set[tuple[str, str]]:
+    """(colour, shape) concepts a classic caption names: a colour word followed by a shape word."""
+    colour_of = {w: c for c, ws in S.COLOUR_WORDS.items() for w in ws}
+    shape_of = {w: s for s, ws in S.SHAPE_WORDS.items() for w in ws}
+    words = caption.replace(",", " ").replace(":", " ").split()
+    return {(colour_of[a], shape_of[b]) for a, b in zip(words, words[1:]) if a in colour_of and b in shape_of}
+
+
+def test_caption_noise_misnames_one_attribute_in_training_captions_only(tmp_path):
+    base = D.WorldConfig(seed=2, n_train=60, n_val=10, n_test=10)
+    noisy = D.WorldConfig(seed=2, n_train=60, n_val=10, n_test=10, caption_noise=0.3)
+    assert noisy.digest() != base.digest() and "caption_noise" not in base.identity()
+    a = json.loads(D.write_world(base, tmp_path / "a").read_text())["images"]
+    b = json.loads(D.write_world(noisy, tmp_path / "b").read_text())["images"]
+    wrong = total = 0
+    for x, y in zip(a, b, strict=True):
+        assert x["scene"] == y["scene"] and x["filename"] == y["filename"]  # same images
+        truth = {(o["colour"], o["shape"]) for o in x["scene"]["objects"]}
+        for s, t in zip(x["sentences"], y["sentences"], strict=True):
+            assert _pairs(s["raw"]) <= truth, s["raw"]  # the noise-free grammar names only what is drawn
+            if x["split"] != "train":
+                assert s["raw"] == t["raw"]  # evaluation captions stay correct
+                continue
+            total += 1
+            if t["raw"] != s["raw"]:
+                wrong += 1
+                named = _pairs(t["raw"])
+                # exactly one object misnamed: one named concept is not drawn, the others are
+                assert len(named - truth) == 1 and len(named & truth) == len(named) - 1, (truth, t["raw"])
+    assert 0.2 < wrong / total < 0.4  # 300 training captions at p = 0.3
+    with pytest.raises(ConfigError, match=r"caption_noise=1.5: must be in \[0, 1\)"):
+        D.write_world(D.WorldConfig(n_train=2, n_val=1, n_test=1, caption_noise=1.5), tmp_path / "c")

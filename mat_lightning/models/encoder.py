@@ -28,6 +28,7 @@ checkpoint file (such as the synthetic world's cached tiny CLIP, which the ``mat
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -45,6 +46,27 @@ from mat_lightning.cache import corrupt_cache_hint, is_cached
 from mat_lightning.errors import ConfigError, is_synthetic_name, unresolved_synthetic_name
 
 log = logging.getLogger(__name__)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool) -> Iterator[None]:
+    """Drop open_clip's root-logger warning that no weights were loaded when random weights were asked for
+    (``pretrained=None``: the synthetic world's CLIP before its pretraining); every other message passes."""
+    if not active:
+        yield
+        return
+    root, flt = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)  # makes the tiny configs (``mat-tiny``) known to open_clip by name
@@ -204,12 +226,13 @@ class OpenClipEncoder(VLEncoder):
         if hub_offline():
             _check_open_clip_offline(model_name, resolved, cache_dir)
         try:
-            self.model = open_clip.create_model(
-                model_name,
-                pretrained=resolved,
-                cache_dir=cache_dir,
-                pretrained_text=False,
-            )
+            with _quiet_random_init(resolved is None):
+                self.model = open_clip.create_model(
+                    model_name,
+                    pretrained=resolved,
+                    cache_dir=cache_dir,
+                    pretrained_text=False,
+                )
         except (RuntimeError, OSError, ValueError) as e:
             if resolved is not None and is_cached(resolved):
                 raise ConfigError(corrupt_cache_hint(resolved)) from None

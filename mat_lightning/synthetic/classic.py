@@ -214,6 +214,20 @@ def sample_scene(rng: random.Random, cfg: WorldConfig) -> Scene:
     )
 
 
+def misdescribe(scene: Scene, rng: random.Random, cfg: WorldConfig) -> Scene:
+    """The scene as a careless annotator saw it: one object's colour or shape changed to another of ``cfg``'s
+    inventories (still distinct from the other objects), for ``WorldConfig.caption_noise``."""
+    i = rng.randrange(len(scene.objects))
+    o = scene.objects[i]
+    taken = {(p.shape, p.colour) for p in scene.objects}
+    options = [(s, o.colour) for s in list(SHAPE_WORDS)[: cfg.n_shapes] if (s, o.colour) not in taken]
+    options += [(o.shape, c) for c in list(COLOURS)[: cfg.n_colours] if (o.shape, c) not in taken]
+    shape, colour = rng.choice(options)
+    objects = list(scene.objects)
+    objects[i] = SceneObject(shape, colour, o.size, o.x, o.y)
+    return Scene(background=scene.background, objects=tuple(objects))
+
+
 def relayout(scene: Scene, rng: random.Random) -> Scene:
     """The same objects (shape, colour, size) at new positions: the T2I simulation of "render this caption again"."""
     centres = _place(rng, [o.size for o in scene.objects])

@@ -13,7 +13,8 @@ Generators. :data:`GENERATORS` maps ``WorldConfig.generator`` to a module that p
 * ``relayout(scene, rng) -> scene``: the simulated T2I (the caption's scene in a new layout);
 * ``scene_from_json(d: dict) -> scene``;
 * ``thesaurus() -> dict[str, list[str]]``: word -> synonyms that keep the caption's meaning;
-* optionally ``check_config(cfg: WorldConfig) -> None``, raising ConfigError for a config it cannot generate.
+* optionally ``check_config(cfg: WorldConfig) -> None``, raising ConfigError for a config it cannot generate;
+* optionally ``misdescribe(scene, rng, cfg) -> scene``: the scene with one attribute wrong, for ``caption_noise``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ GENERATORS: dict[str, ModuleType] = {"classic": classic, "rich": rich}
 # Fields added after worlds were first cached, with the value that reproduces the worlds of before: at that value
 # a field is left out of the config's identity, so the digests (cache folder names) of existing worlds, and of the
 # CLIPs and masked LMs trained on them, do not change. A new field with a default joins this table.
-_IDENTITY_DEFAULTS: dict[str, object] = {"generator": "classic"}
+_IDENTITY_DEFAULTS: dict[str, object] = {"generator": "classic", "caption_noise": 0.0}
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class WorldConfig:
             (the classic generator's inventories).
         captions_per_image: ground-truth captions per image (5, as Flickr30K).
         generator: the scene generator, a key of :data:`GENERATORS`.
+        caption_noise: probability that a *training* caption is written by a careless annotator: it describes the
+            scene with one attribute of one object changed (the generator's ``misdescribe``), as real captions
+            sometimes name a wrong colour or object. Drawn from its own random stream, so the images and every
+            other caption are those of the noise-free world; validation and test captions stay correct.
     """
 
     seed: int = 0
@@ -69,6 +74,7 @@ class WorldConfig:
     n_shapes: int = 6
     captions_per_image: int = 5
     generator: str = "classic"
+    caption_noise: float = 0.0
 
     def identity(self) -> dict:
         """The fields as hashed and recorded: those at their ``_IDENTITY_DEFAULTS`` value are left out; a generator
@@ -127,12 +133,19 @@ def write_world(cfg: WorldConfig, root: str | Path) -> Path:
     check = getattr(gen, "check_config", None)
     if check is not None:
         check(cfg)
+    if not 0.0 <= cfg.caption_noise < 1.0:
+        raise ConfigError(f"WorldConfig.caption_noise={cfg.caption_noise}: must be in [0, 1)")
+    if cfg.caption_noise > 0 and not hasattr(gen, "misdescribe"):
+        raise ConfigError(f"WorldConfig.caption_noise: the {cfg.generator!r} generator has no misdescribe()")
     root = Path(root)
     tmp = root.with_name(root.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "images").mkdir(parents=True)
     rng = random.Random(cfg.seed)
+    noise_rng = random.Random(
+        f"{cfg.seed}/caption_noise"
+    )  # its own stream: p = 0 leaves rng's draws unchanged
     images = []
     sentid = 0
     splits = ["train"] * cfg.n_train + ["val"] * cfg.n_val + ["test"] * cfg.n_test
@@ -141,7 +154,15 @@ def write_world(cfg: WorldConfig, root: str | Path) -> Path:
         filename = f"{imgid:06d}.png"
         gen.render(scene, cfg.image_size, rng).save(tmp / "images" / filename)
         sentences = []
-        for raw in unique_captions(gen.describe, scene, rng, cfg.captions_per_image):
+        captions = unique_captions(gen.describe, scene, rng, cfg.captions_per_image)
+        if split == "train" and cfg.caption_noise > 0:
+            captions = [
+                gen.describe(gen.misdescribe(scene, noise_rng, cfg), noise_rng)
+                if noise_rng.random() < cfg.caption_noise
+                else c
+                for c in captions
+            ]
+        for raw in captions:
             sentences.append({"raw": raw, "tokens": raw.split(), "imgid": imgid, "sentid": sentid})
             sentid += 1
         images.append(

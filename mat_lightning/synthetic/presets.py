@@ -38,6 +38,12 @@ PRESETS: dict[str, Preset] = {
         notes="10000/200/1000 images of 2-3 patterned objects with backdrop, ground, light and weather; "
         "~15-word captions; mat-rich16 CLIP 3000 x 256",
     ),
+    # The default world whose training captions are 30 % careless (one attribute wrong): calibration experiment.
+    "noisy": Preset(
+        WorldConfig(caption_noise=0.3),
+        PretrainConfig(),
+        notes="the default world, 30 % of training captions with one attribute wrong",
+    ),
     # Tests: small enough to build in seconds, good enough that attacks visibly lower recall.
     "tiny": Preset(
         WorldConfig(seed=1, n_train=384, n_val=32, n_test=32),

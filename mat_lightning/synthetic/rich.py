@@ -20,6 +20,7 @@ same Karpathy layout as the classic world's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -241,6 +242,31 @@ def sample_scene(rng: random.Random, cfg: Any) -> RichScene:
         rng.choice(WEATHERS),
     )
     return RichScene(*context, objects)
+
+
+def misdescribe(scene: RichScene, rng: random.Random, cfg: Any = None) -> RichScene:
+    """The scene as a careless annotator saw it: one object's shape, colour or pattern, or one context attribute
+    (backdrop, ground, light, weather), changed to another value, for ``WorldConfig.caption_noise``."""
+    i = rng.randrange(len(scene.objects) + 1)
+    if i == len(scene.objects):  # the context
+        field = rng.choice(["backdrop", "ground", "light", "weather"])
+        values = {
+            "backdrop": list(BACKDROPS),
+            "ground": list(GROUNDS),
+            "light": list(LIGHTS),
+            "weather": WEATHERS,
+        }
+        new = rng.choice([v for v in values[field] if v != getattr(scene, field)])
+        return dataclasses.replace(scene, **{field: new})
+    o = scene.objects[i]
+    taken = {(p.shape, p.colour, p.pattern) for p in scene.objects}
+    options = [(s, o.colour, o.pattern) for s in SHAPE_WORDS]
+    options += [(o.shape, c, o.pattern) for c in COLOURS]
+    options += [(o.shape, o.colour, p) for p in PATTERN_WORDS]
+    shape, colour, pattern = rng.choice([k for k in options if k not in taken])
+    objects = list(scene.objects)
+    objects[i] = dataclasses.replace(o, shape=shape, colour=colour, pattern=pattern)
+    return dataclasses.replace(scene, objects=tuple(objects))
 
 
 def relayout(scene: RichScene, rng: random.Random) -> RichScene:
