@@ -181,3 +181,21 @@ def test_synonym_only_attack_costs_at_most_5_points_of_r1_on_the_rich_world():
         clean,
         attacked,
     )
+
+
+def test_a_careless_annotator_changes_exactly_one_attribute():
+    rng = random.Random(5)
+    changed_fields = set()
+    for _ in range(300):
+        scene = R.sample_scene(rng, _cfg())
+        wrong = R.misdescribe(scene, rng)
+        a, b = scene.to_json(), wrong.to_json()
+        diffs = [k for k in ("backdrop", "ground", "light", "weather") if a[k] != b[k]]
+        for o, p in zip(a["objects"], b["objects"], strict=True):
+            assert (o["size"], o["x"], o["y"]) == (p["size"], p["x"], p["y"])
+            diffs += [k for k in ("shape", "colour", "pattern") if o[k] != p[k]]
+        assert len(diffs) == 1, (a, b)
+        changed_fields.update(diffs)
+        kinds = [(o["shape"], o["colour"], o["pattern"]) for o in b["objects"]]
+        assert len(set(kinds)) == len(kinds)  # still distinct objects
+    assert changed_fields == {"backdrop", "ground", "light", "weather", "shape", "colour", "pattern"}
