@@ -48,7 +48,9 @@ def main() -> None:
         raise SystemExit(
             f"--preset {args.preset}: a {generator!r} world; this diagnosis reads the classic one's words"
         )
-    encoder = OpenClipEncoder("mat-tiny", pretrained=str(synthetic.ensure_clip(args.preset))).eval()
+    encoder = OpenClipEncoder(
+        synthetic.preset(args.preset).clip.model_name, pretrained=str(synthetic.ensure_clip(args.preset))
+    ).eval()
     if args.ckpt:
         state = torch.load(args.ckpt, map_location="cpu", weights_only=True)["state_dict"]
         encoder.load_state_dict(

@@ -184,7 +184,9 @@ class MatCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """LightningCLI's, from the resolved copy of the config (:meth:`before_instantiate_classes`)."""
-        self.config_init = self.parser.instantiate_classes(self.resolved_config)
+        # jsonargparse 4.49 renamed instantiate_classes (now deprecated) to instantiate
+        instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
+        self.config_init = instantiate(self.resolved_config)
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)

@@ -231,7 +231,11 @@ def _pairs(caption: str) -> set[tuple[str, str]]:
     colour_of = {w: c for c, ws in S.COLOUR_WORDS.items() for w in ws}
     shape_of = {w: s for s, ws in S.SHAPE_WORDS.items() for w in ws}
     words = caption.replace(",", " ").replace(":", " ").split()
-    return {(colour_of[a], shape_of[b]) for a, b in zip(words, words[1:], strict=False) if a in colour_of and b in shape_of}
+    return {
+        (colour_of[a], shape_of[b])
+        for a, b in zip(words, words[1:], strict=False)
+        if a in colour_of and b in shape_of
+    }
 
 
 def test_caption_noise_misnames_one_attribute_in_training_captions_only(tmp_path):
