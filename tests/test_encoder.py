@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mat_lightning.errors import ConfigError
-from mat_lightning.models.encoder import OpenClipEncoder
+from mat_lightning.models.encoder import CONFIG_DIR, OpenClipEncoder
 
 
 def test_normalisation_happens_inside(random_encoder):
@@ -144,3 +144,22 @@ def test_text_context_cut_to_tokens_in_use_is_exact(
     # gradients flow through the buckets back to the weights (training uses this path)
     random_encoder.encode_text(captions[:130]).sum().backward()
     assert random_encoder.model.token_embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+def test_every_shipped_tiny_config_builds_quietly_and_keeps_the_contract(name, caplog):
+    """The synthetic worlds' CLIPs (ViT and ResNet image towers): 64 px images in [0, 1], unit-norm embeddings, the
+    towers partitioning the parameters, and no open_clip warning when random weights are asked for."""
+    with caplog.at_level("WARNING"):
+        enc = OpenClipEncoder(name, pretrained=None)
+    assert not [r for r in caplog.records if "pretrained" in r.getMessage()]
+    assert enc.image_size == 64
+    with torch.no_grad():
+        img, txt = enc.encode_image(torch.rand(2, 3, 64, 64)), enc.encode_text(["a red circle", "a blue box"])
+    assert img.shape == txt.shape == (2, 64)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(2)) and torch.allclose(txt.norm(dim=-1), torch.ones(2))
+    vision = {id(p) for p in enc.vision_parameters()}
+    text = {id(p) for p in enc.text_parameters()}
+    assert not vision & text and {id(p) for p in enc.parameters()} - vision - text == {
+        id(enc.model.logit_scale)
+    }
