@@ -58,9 +58,9 @@ class WorldConfig:
         captions_per_image: ground-truth captions per image (5, as Flickr30K).
         generator: the scene generator, a key of :data:`GENERATORS`.
         caption_noise: probability that a *training* caption is written by a careless annotator: it describes the
-            scene with one attribute of one object changed (the generator's ``misdescribe``), as real captions
-            sometimes name a wrong colour or object. Drawn from its own random stream, so the images and every
-            other caption are those of the noise-free world; validation and test captions stay correct.
+            scene with one attribute changed (the generator's ``misdescribe``: an object's, or the context's), as
+            real captions sometimes name a wrong colour or object. Drawn from its own random stream, so the images
+            and every other caption are those of the noise-free world; validation and test captions stay correct.
     """
 
     seed: int = 0
@@ -143,9 +143,8 @@ def write_world(cfg: WorldConfig, root: str | Path) -> Path:
         shutil.rmtree(tmp)
     (tmp / "images").mkdir(parents=True)
     rng = random.Random(cfg.seed)
-    noise_rng = random.Random(
-        f"{cfg.seed}/caption_noise"
-    )  # its own stream: p = 0 leaves rng's draws unchanged
+    # Caption noise draws from its own stream, so the images and the other captions match the noise-free world's.
+    noise_rng = random.Random(f"{cfg.seed}/caption_noise")
     images = []
     sentid = 0
     splits = ["train"] * cfg.n_train + ["val"] * cfg.n_val + ["test"] * cfg.n_test

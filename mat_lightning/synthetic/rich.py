@@ -20,10 +20,9 @@ same Karpathy layout as the classic world's.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -257,7 +256,7 @@ def misdescribe(scene: RichScene, rng: random.Random, cfg: Any = None) -> RichSc
             "weather": WEATHERS,
         }
         new = rng.choice([v for v in values[field] if v != getattr(scene, field)])
-        return dataclasses.replace(scene, **{field: new})
+        return replace(scene, **{field: new})
     o = scene.objects[i]
     taken = {(p.shape, p.colour, p.pattern) for p in scene.objects}
     options = [(s, o.colour, o.pattern) for s in SHAPE_WORDS]
@@ -265,8 +264,8 @@ def misdescribe(scene: RichScene, rng: random.Random, cfg: Any = None) -> RichSc
     options += [(o.shape, o.colour, p) for p in PATTERN_WORDS]
     shape, colour, pattern = rng.choice([k for k in options if k not in taken])
     objects = list(scene.objects)
-    objects[i] = dataclasses.replace(o, shape=shape, colour=colour, pattern=pattern)
-    return dataclasses.replace(scene, objects=tuple(objects))
+    objects[i] = replace(o, shape=shape, colour=colour, pattern=pattern)
+    return replace(scene, objects=tuple(objects))
 
 
 def relayout(scene: RichScene, rng: random.Random) -> RichScene:
