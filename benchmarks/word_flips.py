@@ -87,21 +87,26 @@ def main() -> None:
     with torch.no_grad():
         img = encoder.encode_image(x)
 
-        def recall(captions: list[str]) -> dict[str, float]:
-            r = recall_at_k(img @ encoder.encode_text(captions).T, txt2img)
+        def cosines(captions: list[str]) -> torch.Tensor:
+            return encoder.encode_text(captions) @ img.T  # (captions, images)
+
+        def recall(sim: torch.Tensor) -> dict[str, float]:
+            r = recall_at_k(sim.T, txt2img)
             return {k: round(v, 1) for k, v in r.items() if k in ("tr_r1", "ir_r1", "r_mean")}
 
-        out = {"clean": recall(flat)}
+        s_clean = cosines(flat)
+        out = {"clean": recall(s_clean)}
         flipped: dict[str, list[str]] = {}
+        flipped_sim: dict[str, torch.Tensor] = {}
         for kind in ("colour", "shape"):
             rng = random.Random(0)
             flipped[kind] = [flip(c, kind, rng) for c in flat]
-            out[f"one_random_{kind}_flip"] = recall(flipped[kind])
+            flipped_sim[kind] = cosines(flipped[kind])
+            out[f"one_random_{kind}_flip"] = recall(flipped_sim[kind])
         # Classic captions name every object, so the union of an image's captions' pairs is its scene.
         truth = [set().union(*(pairs(c) for c in cs)) for cs in caps]
         rows = torch.arange(len(flat))
-        s_clean = encoder.encode_text(flat) @ img.T  # (captions, images) cosine
-        s_flip = encoder.encode_text(flipped["colour"]) @ img.T
+        s_flip = flipped_sim["colour"]
         own = torch.nn.functional.one_hot(txt2img, len(caps)).bool()
         hit = s_clean.argmax(1) == txt2img
         margin = s_clean[rows, txt2img] - s_clean.masked_fill(own, -2.0).max(1).values
@@ -138,7 +143,8 @@ def main() -> None:
                     else "other"
                 ] += 1
     total = sum(kinds.values())
-    out["bert_attack"] = recall(adv)
+    with torch.no_grad():
+        out["bert_attack"] = recall(cosines(adv))
     out["bert_attack_substitutions"] = {k: f"{100 * v / total:.1f}%" for k, v in kinds.most_common()}
     print(json.dumps(out, indent=2))
 
