@@ -134,7 +134,7 @@ grid:  ## The paper's grid on DATA=flickr30k|coco (ROOT=<data folder>): every ex
 	  "$$mat" "$$cmd" --config "$$f" "$${root_arg[@]}" $(QUIET) "$${extra[@]}"; \
 	done
 
-calibrate:  ## The world vs. CLIP ViT-B/16 on Flickr30K: flip rates of the pretrained world CLIP (ARGS="--data.world=classic")
+calibrate:  ## The world vs. CLIP ViT-B/16 on Flickr30K: flip rates of the benchmark world's pretrained CLIP (ARGS="--data.world=default")
 	@$(VARS) "$$py" -m benchmarks.calibrate "$${extra[@]}"
 
 gpu-check:  ## GPU readiness (<= 5 min, no downloads): rates per stage, peak memory, projected grid hours

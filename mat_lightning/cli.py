@@ -57,7 +57,7 @@ from mat_lightning.faults import (
 from mat_lightning.logging import SaveConfigToWandb
 from mat_lightning.models.encoder import LOCAL_MODELS
 from mat_lightning.module import NOT_A_MAT_CHECKPOINT, MatModule
-from mat_lightning.synthetic import resolve_config
+from mat_lightning.synthetic import name_architectures, resolve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "conf" / "base.yaml"
@@ -176,7 +176,9 @@ class MatCLI(LightningCLI):
                 cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")
         rank_zero_info(f"run folder: {run_dir}")
         # Synthetic-world names -> asset paths, in a copy: the classes are built from it, while the saved
-        # config.yaml keeps the names (it re-runs elsewhere, building the assets there).
+        # config.yaml keeps the names (it re-runs elsewhere, building the assets there) and names the world
+        # CLIP's architecture (a preset sizes its CLIP).
+        name_architectures(self.config[self.subcommand])
         self.resolved_config = self.config.clone()
         resolved = resolve_config(self.resolved_config[self.subcommand])
         LOCAL_MODELS.clear()  # before the encoder and the attacks are built

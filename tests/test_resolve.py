@@ -163,3 +163,28 @@ def test_the_world_clip_brings_its_architecture(monkeypatch, tmp_path):
     encoder["init_args"] = {"model_name": "mat-tiny", "pretrained": "synthetic:tiny"}
     cfg = resolve_config({"model": {"encoder": encoder}})
     assert cfg["model"]["encoder"]["init_args"]["model_name"] == "mat-tiny"
+
+
+def test_the_saved_config_names_the_world_clip_architecture(monkeypatch):
+    """What the CLI applies to the config it saves: the preset's architecture beside a bare ``synthetic`` (the data's
+    world) or ``synthetic:<preset>``, with nothing built and the names kept."""
+    from mat_lightning.synthetic import assets
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("name_architectures must not build assets")
+
+    monkeypatch.setattr(assets, "ensure_clip", no_build)
+    init = {"model_name": "mat-tiny", "pretrained": "synthetic"}
+    cfg = {
+        "data": {"dataset": "synthetic", "world": "cnn"},
+        "model": {"encoder": {"class_path": "OpenClipEncoder", "init_args": init}},
+        "robust_eval": {
+            "attacks": [{"init_args": {"surrogate": {"model_name": "x", "pretrained": "synthetic:rich"}}}]
+        },
+    }
+    synthetic.name_architectures(cfg)
+    assert init == {"model_name": "mat-tiny-rn", "pretrained": "synthetic"}
+    assert cfg["robust_eval"]["attacks"][0]["init_args"]["surrogate"]["model_name"] == "mat-rich16"
+    real = {"model_name": "ViT-B-16", "pretrained": "openai"}
+    synthetic.name_architectures({"model": {"encoder": {"init_args": real}}})
+    assert real["model_name"] == "ViT-B-16"

@@ -13,7 +13,6 @@ import re
 import statistics
 
 import numpy as np
-import pytest
 
 from mat_lightning.data.formats import read_annotations
 from mat_lightning.synthetic import dataset as D
@@ -142,45 +141,6 @@ def test_written_world_reads_back_with_its_scenes(tmp_path):
         scene = R.scene_from_json(r.meta["scene"])
         assert 2 <= len(scene.objects) <= 3
         assert R.scene_from_json(json.loads(json.dumps(scene.to_json()))) == scene
-
-
-@pytest.mark.slow
-def test_synonym_only_attack_costs_at_most_5_points_of_r1_on_the_rich_world():
-    """The calibration rule on a sample: the rich world's pretrained CLIP under a one-word synonym-only BERT-Attack
-    (the thesaurus as the only candidates) loses at most 5 points of R@1 on the 1,000 test images (on the first 200
-    alone TR@1 lost 6.0: the rule holds on the split, by a small margin on the TR side). Builds the rich world's
-    CLIP on first use (~12 min on 2 CPU cores; cached)."""
-    import torch
-
-    from mat_lightning.attacks import BertAttack, ThesaurusCandidates
-    from mat_lightning.eval.retrieval import recall_at_k, similarity
-    from mat_lightning.models.encoder import OpenClipEncoder
-    from mat_lightning.synthetic import assets, presets
-
-    encoder = OpenClipEncoder(
-        presets.preset("rich").clip.model_name, pretrained=str(assets.ensure_clip("rich"))
-    ).eval()
-    images, captions = assets.load_split("rich", "test")
-    images = images.float() / 255
-    flat = [c for caps in captions for c in caps]
-    txt2img = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-    attack = BertAttack(
-        mlm=str(assets.ensure_mlm("rich")),
-        max_words=1,
-        objective="image_cosine",
-        candidate_generator=ThesaurusCandidates(str(assets.ensure_thesaurus("rich"))),
-    )
-    with torch.no_grad():
-        img = encoder.encode_image(images)
-        clean = recall_at_k(similarity(img, encoder.encode_text(flat)), txt2img)
-    adv = attack(encoder, images, flat, txt2img).captions
-    assert sum(a != c for a, c in zip(adv, flat, strict=True)) > len(flat) // 2  # it did substitute
-    with torch.no_grad():
-        attacked = recall_at_k(similarity(img, encoder.encode_text(adv)), txt2img)
-    assert clean["tr_r1"] - attacked["tr_r1"] <= 5 and clean["ir_r1"] - attacked["ir_r1"] <= 5, (
-        clean,
-        attacked,
-    )
 
 
 def test_a_careless_annotator_changes_exactly_one_attribute():

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from mat_lightning import synthetic
@@ -29,6 +32,23 @@ def test_same_config_writes_the_same_files(tmp_path):
     c = D.write_world(D.WorldConfig(seed=4, n_train=6, n_val=2, n_test=2), tmp_path / "c")
     assert c.read_bytes() != a.read_bytes()
     assert cfg.digest() != D.WorldConfig(seed=4, n_train=6, n_val=2, n_test=2).digest()
+
+
+def test_the_benchmark_world_is_deterministic_and_named_by_every_benchmark_file(tmp_path):
+    """The calibrated preset (``cnn``: 3-5 objects) writes the same bytes twice, and calibration (synthetic_zeroshot)
+    and every synthetic benchmark file name the same world, so `make calibrate` measures what `make benchmark` runs."""
+    files = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("synthetic_*.yaml"))
+    worlds = {f.stem: (yaml.safe_load(f.read_text()).get("data") or {}).get("world") for f in files}
+    assert len(files) >= 15 and set(worlds.values()) == {"cnn"}, worlds
+
+    cfg = dataclasses.replace(synthetic.preset("cnn").world, n_train=8, n_val=2, n_test=4)
+    a = D.write_world(cfg, tmp_path / "a")
+    b = D.write_world(cfg, tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+    for png in sorted((tmp_path / "a" / "images").glob("*.png")):
+        assert png.read_bytes() == (tmp_path / "b" / "images" / png.name).read_bytes()
+    counts = [len(im["scene"]["objects"]) for im in json.loads(a.read_text())["images"]]
+    assert min(counts) >= 3 and max(counts) <= 5, counts
 
 
 def test_karpathy_layout_with_five_distinct_captions_and_scene(tmp_path):

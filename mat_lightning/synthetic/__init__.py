@@ -24,7 +24,7 @@ from mat_lightning.synthetic.assets import (
 )
 from mat_lightning.synthetic.dataset import GENERATORS, WorldConfig, write_world
 from mat_lightning.synthetic.presets import PRESETS, Preset, preset
-from mat_lightning.synthetic.resolve import data_args, resolve_config
+from mat_lightning.synthetic.resolve import data_args, name_architectures, resolve_config
 
 __all__ = [
     "GENERATORS",
@@ -32,6 +32,7 @@ __all__ = [
     "Preset",
     "WorldConfig",
     "data_args",
+    "name_architectures",
     "preset",
     "resolve_config",
     "write_world",

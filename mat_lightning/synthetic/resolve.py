@@ -90,10 +90,6 @@ class _Resolver:
             new = self.value(key, value, here, cls)
             if new is not value:
                 _set(node, key, new)
-                if key == "pretrained" and _get(node, "model_name") is not None:
-                    # The world's CLIP is a checkpoint *and* its architecture (a preset may size its CLIP).
-                    name = presets.preset(preset_of(value, here, self.world)).clip.model_name
-                    _set(node, "model_name", name)
             else:
                 self.walk(value, here, class_path if key == "init_args" else None)
 
@@ -186,5 +182,39 @@ def resolve_config(cfg: Any) -> Any:
     world = _get(data, "world") or "default"
     if dataset == "synthetic" and _get(data, "annotations") is None:
         _set(data, "annotations", data_args(world)["annotations"])
+    name_architectures(cfg)
     _Resolver(world, dataset).walk(cfg, "")
+    return cfg
+
+
+def name_architectures(cfg: Any) -> Any:
+    """Set the ``model_name`` beside every ``pretrained: synthetic[:<preset>]`` to that preset's CLIP architecture.
+
+    The world's CLIP is a checkpoint *and* an architecture (a preset may size its CLIP: ``cnn`` -> ``mat-tiny-rn``).
+    Builds nothing, so the CLI also applies it to the config it saves: the run's ``config.yaml`` names the model
+    that ran while keeping the portable ``synthetic`` names.
+
+    Args:
+        cfg: one subcommand's parsed config (Namespace or dict), modified in place.
+
+    Returns:
+        ``cfg``.
+    """
+    world = _get(_get(cfg, "data"), "world") or "default"
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}[{i}]")
+            return
+        if not _is_mapping(node):
+            return
+        pretrained = _get(node, "pretrained")
+        if is_synthetic_name(pretrained) and _get(node, "model_name") is not None:
+            name = presets.preset(preset_of(pretrained, f"{where}.pretrained", world)).clip.model_name
+            _set(node, "model_name", name)
+        for key, value in _items(node):
+            walk(value, f"{where}.{key}" if where else key)
+
+    walk(cfg, "")
     return cfg
