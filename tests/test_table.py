@@ -55,10 +55,29 @@ def test_report_errors(tmp_path, capsys):
 
 
 def test_report_logs_the_table_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    """The offline run holds the printed table as the media of key ``report/table``, cell for cell.
+
+    Bug caught: logging an empty table, the wrong rows (e.g. unaveraged runs) or under another key; a test that
+    only saw a ``.wandb`` file would pass all three.
+    """
     monkeypatch.setenv("WANDB_MODE", "offline")
     write_run(tmp_path / "runs" / "a", "mat", 0, 60.0, 30.0)
+    write_run(tmp_path / "runs" / "b", "mat", 1, 64.0, 34.0)
     main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--wandb"])
-    assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+    (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    (table_file,) = run_dir.glob("files/media/table/report/table_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == [
+        "experiment",
+        "n",
+        "n_images",
+        "clean TR@1",
+        "clean IR@1",
+        "pgd TR@1",
+        "pgd IR@1",
+    ]
+    assert table["data"] == [["mat", "2", "200", "62.0 ± 2.8", "52.0 ± 2.8", "32.0 ± 2.8", "27.0 ± 2.8"]]
+    assert list(run_dir.glob("run-*.wandb"))  # the record stream `wandb sync` uploads
 
 
 def test_report_never_averages_incomparable_runs(tmp_path, capsys):
