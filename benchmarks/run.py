@@ -19,7 +19,12 @@ One torch thread, interleaved repetitions, medians (the machine is shared):
 7. Batched BertAttack vs the same attack assembled from TextAttack's components (50 synthetic-world captions): speed,
    % of captions where both changed the same word, and R@1 after each attack.
 
-``python -m benchmarks.run --world-rows`` runs only rows 6 and 7 and merges them into an existing bench.json.
+8. ``mat`` start-up: ``mat fit --help``, an unknown option and ``mat eval`` without ``--model``, each a fresh process,
+   against importing the training stack (``import mat_lightning.cli``), which the front door no longer does for them:
+   best and median seconds of each, and the ratio of the medians (``cli_startup``).
+
+``python -m benchmarks.run --world-rows`` runs only rows 6 and 7 and merges them into an existing bench.json;
+``--cli-rows`` runs only row 8, also merged.
 Every ratio sits under a key containing ``ratio``; results go to ``runs/bench/bench.json``. ``BENCH_QUICK=1``
 shortens the tiny-size text attack run.
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +55,36 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+CLI_COMMANDS = {
+    "fit_help": ["fit", "--help"],
+    "unknown_option": ["fit", "--config", "experiments/smoke.yaml", "--nope=1"],
+    "eval_missing_model": ["eval"],
+}
+
+
+def bench_cli_startup(reps: int = 3) -> dict:
+    """Wall seconds of ``python -m mat_lightning <args>`` for each of :data:`CLI_COMMANDS`, and of importing the
+    training stack the way every other command does (``import mat_lightning.cli``), interleaved, ``reps`` times:
+    best, median, and each command's median over the stack's (the front door's saving)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs = {name: [sys.executable, "-m", "mat_lightning", *argv] for name, argv in CLI_COMMANDS.items()}
+    runs["import_training_stack"] = [sys.executable, "-c", "import mat_lightning.cli"]
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps):
+        for name, cmd in runs.items():
+            t0 = time.perf_counter()
+            subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, check=False)
+            times[name].append(time.perf_counter() - t0)
+    out = {
+        name: {"best_s": round(min(t), 3), "median_s": round(statistics.median(t), 3)}
+        for name, t in times.items()
+    }
+    stack = out["import_training_stack"]["median_s"]
+    for name in CLI_COMMANDS:
+        out[name]["over_stack_import_ratio"] = round(out[name]["median_s"] / stack, 3)
+    return {"reps": reps, **out}
 
 
 def bench_bert_attack(encoder, mlm_model, tok, captions: list[str], reps: int) -> dict:
@@ -449,6 +485,18 @@ def markdown_table(r: dict) -> str:
                 "",
             )
         )
+    if "cli_startup" in r:
+        c = r["cli_startup"]
+        stack = c["import_training_stack"]["median_s"]
+        for name in CLI_COMMANDS:
+            rows.append(
+                (
+                    f"`mat {' '.join(CLI_COMMANDS[name])}` start-up (median of {c['reps']} fresh processes)",
+                    f"{c[name]['median_s']} s (best {c[name]['best_s']}) vs {stack} s to import the stack",
+                    f"{c[name]['over_stack_import_ratio']}x",
+                    "< 2 s",
+                )
+            )
     lines = ["| measurement | figures | ratio | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -551,6 +599,17 @@ def write_results(results: dict) -> Path:
 
 
 def main() -> None:
+    if "--cli-rows" in sys.argv:  # only the start-up rows, merged into an existing bench.json
+        previous = REPO / "runs" / "bench" / "bench.json"
+        results = {
+            **(json.loads(previous.read_text()) if previous.is_file() else {}),
+            "cli_startup": bench_cli_startup(),
+        }
+        out = write_results(results)
+        print(json.dumps(results["cli_startup"], indent=2))
+        print(markdown_table(results))
+        print(f"written to {out}")
+        return
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from mat_lightning import synthetic
@@ -593,6 +652,7 @@ def main() -> None:
     results.update(world_rows(tiny))
     results["recall_coco_size"] = bench_recall(reps=3)
     results["robust_eval_ddp_cpu"] = bench_ddp_robust_eval()
+    results["cli_startup"] = bench_cli_startup()
     out = write_results(results)
     print(json.dumps(results, indent=2))
     print(markdown_table(results))

@@ -57,6 +57,7 @@ from mat_lightning.faults import (
 from mat_lightning.logging import SaveConfigToWandb
 from mat_lightning.models.encoder import LOCAL_MODELS
 from mat_lightning.module import NOT_A_MAT_CHECKPOINT, MatModule
+from mat_lightning.options import CLI_OPTIONS
 from mat_lightning.synthetic import name_architectures, resolve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,30 +106,14 @@ class MatCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
+        # help texts in options.py, which the front door reads without importing this module
+        parser.add_argument("--experiment", type=str, default="default", help=CLI_OPTIONS["experiment"])
+        parser.add_argument("--run_root", type=str, default="runs", help=CLI_OPTIONS["run_root"])
         parser.add_argument(
-            "--experiment",
-            type=str,
-            default="default",
-            help="Run name: groups runs and names the run folder.",
+            "--test_ckpt", type=Literal["last", "best"], default="last", help=CLI_OPTIONS["test_ckpt"]
         )
         parser.add_argument(
-            "--run_root",
-            type=str,
-            default="runs",
-            help="Folder that holds <experiment>/<timestamp>/ run folders.",
-        )
-        parser.add_argument(
-            "--test_ckpt",
-            type=Literal["last", "best"],
-            default="last",
-            help="After fit, test the final weights (last) or the best checkpoint by clean validation recall (best).",
-        )
-        parser.add_argument(
-            "--local_models",
-            type=dict[str, str],
-            default={},
-            help="Hub names mapped to local copies, e.g. {bert-base-uncased: /models/bert-base-uncased}: "
-            "every MLM and HF encoder source of the config named on the left loads from the right.",
+            "--local_models", type=dict[str, str], default={}, help=CLI_OPTIONS["local_models"]
         )
         parser.add_lightning_class_args(RobustRetrievalEval, "robust_eval")
         parser.link_arguments("experiment", "robust_eval.experiment")
