@@ -43,7 +43,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from mat_lightning.data.datamodule import RetrievalDataModule
-from mat_lightning.errors import ConfigError, MatError
+from mat_lightning.errors import (
+    ConfigError,
+    MatError,
+    NonFiniteError,
+    non_finite_tensors,
+    non_finite_weights_message,
+)
 from mat_lightning.eval.robust import RobustRetrievalEval
 from mat_lightning.faults import (
     EXIT_SIGINT,
@@ -191,6 +197,8 @@ class MatCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path")
         if ckpt not in (None, "best", "hpc", "registry"):
             check_checkpoint_fits(self.model, ckpt)
+        else:  # the configured starting weights (a pretrained file) are what runs
+            check_finite_weights(self.model.encoder.state_dict().items(), _starting_weights(cfg))
         evaluator = next((c for c in self.trainer.callbacks if isinstance(c, RobustRetrievalEval)), None)
         if evaluator is not None:
             evaluator.subcommand = self.alias or self.subcommand
@@ -282,8 +290,30 @@ def check_checkpoint(path: str) -> None:
     load_user_checkpoint(path)
 
 
+def check_finite_weights(named_tensors, what: str) -> None:
+    """Refuse NaN/inf weights before any evaluation or training step: they would score as anything but an error."""
+    named = list(named_tensors)
+    bad = non_finite_tensors(named)
+    if bad:
+        total = sum(
+            1 for _, t in named if callable(getattr(t, "is_floating_point", None)) and t.is_floating_point()
+        )
+        raise NonFiniteError(
+            f"{non_finite_weights_message(what, bad, total)}. Use a checkpoint from before the run diverged"
+        )
+
+
+def _starting_weights(cfg) -> str:
+    """How to name the configured encoder's weights in a message: its ``pretrained`` setting."""
+    pretrained = (
+        (cfg.model.encoder.get("init_args") or {}).get("pretrained") if "encoder" in cfg.model else None
+    )
+    return f"the starting weights (--model.encoder.init_args.pretrained={pretrained})"
+
+
 def check_checkpoint_fits(model, path: str) -> None:
-    """The checkpoint's encoder weights have the configured encoder's names and shapes (before Lightning loads it)."""
+    """The checkpoint's encoder weights have the configured encoder's names and shapes (before Lightning loads it),
+    all finite."""
     theirs = {k: v for k, v in load_user_checkpoint(path)["state_dict"].items() if k.startswith("encoder.")}
     ours = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
     missing = [k for k in ours if k not in theirs]
@@ -307,6 +337,7 @@ def check_checkpoint_fits(model, path: str) -> None:
             f"--ckpt_path {path} does not fit the configured model ({detail}): it was trained with another "
             "encoder; check --model.encoder (model_name) or the --config it was trained with"
         )
+    check_finite_weights(theirs.items(), f"--ckpt_path {path}")
 
 
 # made by this process: removed again if the run fails before it saves anything

@@ -16,6 +16,14 @@ class DataError(MatError, ValueError):
     """A data set file, folder, entry or image is missing or malformed."""
 
 
+class NonFiniteError(MatError, ArithmeticError):
+    """A NaN or infinite number where a result was due: a similarity, a loss or a weight (DESIGN §4).
+
+    Never reported as a result: a NaN similarity compares false with everything, so a ranking would count it as a
+    hit (a NaN model scored 100 % recall before this check).
+    """
+
+
 def is_synthetic_name(value: object) -> bool:
     """Whether ``value`` is a synthetic-world name (``synthetic``, ``synthetic:<...>``) rather than a path or hub
     name. Only the ``mat`` CLI turns these into paths (:func:`mat_lightning.synthetic.resolve_config`)."""
@@ -33,4 +41,28 @@ def unresolved_synthetic_name(what: str, value: str, helper: str) -> ConfigError
     return ConfigError(
         f"{what}={value!r}: synthetic-world names are resolved to paths by the mat CLI; from Python, pass "
         f"mat_lightning.synthetic.{helper} (or run mat_lightning.synthetic.resolve_config on a parsed config)"
+    )
+
+
+def non_finite_tensors(named_tensors) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinite value.
+
+    Args:
+        named_tensors: ``(name, tensor)`` pairs (``module.named_parameters()``, ``state_dict().items()``); other
+            values (step counters, integer buffers) are skipped.
+    """
+    return [
+        name
+        for name, t in named_tensors
+        if callable(getattr(t, "is_floating_point", None))
+        and t.is_floating_point()
+        and not bool(t.isfinite().all())
+    ]
+
+
+def non_finite_weights_message(what: str, bad: list[str], total: int) -> str:
+    """``<what> holds non-finite weights: n of total tensors ... (e.g. name)``: the start of a NonFiniteError."""
+    return (
+        f"{what} holds non-finite weights: {len(bad)} of {total} weight tensors contain NaN or inf (e.g. {bad[0]}); "
+        "a diverged training run? A non-finite model has no recall to report"
     )

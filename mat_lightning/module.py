@@ -6,12 +6,17 @@ evaluation lives in the :class:`~mat_lightning.eval.robust.RobustRetrievalEval` 
 
 Optimisation follows the papers' CLIP fine-tuning defaults (DESIGN §2): AdamW (lr 1e-5, weight decay 0.1 on
 matrices only), linear warm-up then cosine decay per step, CLIP's temperature clamped at 100.
+
+A diverged run stops at once (:class:`~mat_lightning.errors.NonFiniteError`, naming the step): a non-finite loss
+before its backward pass (all ranks agree), non-finite weights right after the optimiser step, before any callback
+could save them. Checkpoints written earlier hold finite weights; the error names the newest one.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,7 +24,7 @@ import torch
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.defenses.base import Defense
 from mat_lightning.defenses.clean import Clean
-from mat_lightning.errors import ConfigError
+from mat_lightning.errors import ConfigError, NonFiniteError, non_finite_tensors
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.rerank import PixelBank, wants_rerank
 from mat_lightning.eval.rerank import ranks as rerank_ranks
@@ -120,12 +125,61 @@ class MatModule(L.LightningModule):
     def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
         t0 = time.perf_counter()
         out = self.defense(self.encoder, batch)
+        self._check_finite_loss(out.loss, batch_idx)
         logs = {f"train/{k}": float(v) for k, v in out.logs.items()}
         logs["train/step_seconds"] = time.perf_counter() - t0
         logs["train/logit_scale"] = float(self.encoder.logit_scale.detach())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch))
         self.log_dict(logs, batch_size=len(batch))
         return out.loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._check_finite_weights(batch_idx)
+
+    # -- divergence: stop at the first non-finite loss or weight --------------------------------------------------------
+
+    def _check_finite_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # every rank raises at the same step, none hangs
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteError(self._diverged(f"the training loss is {float(loss.detach())}", batch_idx))
+
+    def _check_finite_weights(self, batch_idx: int) -> None:
+        """After the optimiser step (the weights are the same on every rank): one device sync for all tensors."""
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        if not params or bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            return
+        bad = non_finite_tensors(
+            (n, p.detach()) for n, p in self.encoder.named_parameters() if p.requires_grad
+        )
+        raise NonFiniteError(
+            self._diverged(
+                f"{len(bad)} of {len(params)} trained weight tensors became NaN or infinite in the optimiser "
+                f"step (e.g. encoder.{bad[0]})",
+                batch_idx,
+            )
+        )
+
+    def _diverged(self, what: str, batch_idx: int) -> str:
+        step = self.global_step + 1  # the step being taken (global_step counts completed steps)
+        return (
+            f"training diverged at optimiser step {step} (epoch {self.current_epoch}, batch {batch_idx}): {what}. "
+            f"Nothing non-finite was saved; the last finite weights: {self._last_checkpoint()}. Lower --model.lr "
+            f"(now {self.lr:g}) or check the defense's settings"
+        )
+
+    def _last_checkpoint(self) -> str:
+        """The newest checkpoint file this run wrote (all are finite: each step was checked), or a note."""
+        trainer = self._trainer
+        paths = []
+        for cb in getattr(trainer, "checkpoint_callbacks", None) or []:
+            paths += [Path(p) for p in (cb.best_model_path, cb.last_model_path) if p and Path(p).is_file()]
+        if not paths:
+            return "none (no checkpoint was written before this step)"
+        return str(max(paths, key=lambda p: p.stat().st_mtime))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         logit_scale = getattr(getattr(self.encoder, "model", None), "logit_scale", None)

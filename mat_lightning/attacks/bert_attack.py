@@ -52,7 +52,7 @@ from torch import Tensor
 from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.stopwords import STOP_WORDS
 from mat_lightning.cache import corrupt_cache_hint, is_cached
-from mat_lightning.errors import ConfigError, is_synthetic_name, unresolved_synthetic_name
+from mat_lightning.errors import ConfigError, NonFiniteError, is_synthetic_name, unresolved_synthetic_name
 from mat_lightning.models.encoder import VLEncoder, encoder_device, local_model, require_local_or_online
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,13 @@ class BertAttack(Attack):
                 score = -(emb * guide.to(emb.device)[owner]).sum(dim=-1)
             else:
                 score = _kl_rows(emb, orig_emb.to(emb.device)[owner])
+            if not bool(
+                torch.isfinite(score).all()
+            ):  # NaN never wins an argmax: no candidate could be chosen
+                raise NonFiniteError(
+                    f"{self.name}: candidate scores are NaN or infinite (the encoder's embeddings are not finite); "
+                    "check the model's weights"
+                )
             for t, idx in _segment_argmax(score, owner, len(captions)).items():
                 j, cand = subs[idx]
                 if cand is not None:

