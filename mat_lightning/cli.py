@@ -202,6 +202,8 @@ class MatCLI(LightningCLI):
         evaluator = next((c for c in self.trainer.callbacks if isinstance(c, RobustRetrievalEval)), None)
         if evaluator is not None:
             evaluator.subcommand = self.alias or self.subcommand
+            # the config as given (synthetic-world names, not cache paths): results.json's settings and hash
+            evaluator.run_config = cfg.as_dict()
             if self.subcommand == "fit":
                 evaluator.resumed_from = ckpt
             elif ckpt is not None:

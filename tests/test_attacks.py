@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -436,10 +438,15 @@ def test_the_suite_parses_with_distinct_names_and_records_them(tiny_world):
     assert (attacks[1].top_k, attacks[1].max_words) == (10, 1)  # the papers' row is unchanged
     recorded = attack_config(synonym)
     assert recorded["name"] == "bert_attack_synonym"
+    # the file by name and content (sha256sum's first 16 digits), not its cache path; no MLM setting recorded
+    thesaurus = Path(ensure_thesaurus("tiny")).resolve()
+    digest = hashlib.sha256(thesaurus.read_bytes()).hexdigest()[:16]
     assert recorded["candidate_generator"] == {
         "class": "ThesaurusCandidates",
-        "thesaurus": str(ensure_thesaurus("tiny")),
+        "thesaurus": f"{thesaurus.name} sha256:{digest}",
     }
+    assert not set(recorded) & {"mlm", "threshold_pred_score", "bpe_top", "max_subwords", "legacy_offset"}
+    assert attack_config(strong)["mlm"].startswith(Path(tiny_mlm()).name + " sha256:")
     assert "name" not in attack_config(attacks[1])  # rows without a name record what they always did
     # mat eval picks rows by name, the BertAttack rows included
     picked = eval_attacks("bert_attack_synonym,bert_attack,bert_attack_strong", "synthetic:tiny", None)

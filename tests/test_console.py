@@ -200,7 +200,7 @@ def test_report_imports_no_training_stack(tmp_path):
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    assert "| e | 1 | ? | 1.0 | 2.0 |" in proc.stdout
+    assert "| e | 1 | ? | ? | 1.0 | 2.0 |" in proc.stdout
 
 
 def test_data_check_on_a_test_only_set(tmp_path, capsys):

@@ -31,12 +31,21 @@ def test_mean_and_std_over_seeds(tmp_path, capsys):
     header, rows, records = build_table(
         [json.loads(p.read_text()) | {"_path": str(p)} for p in sorted(tmp_path.glob("[ab]/*/results.json"))]
     )
-    assert header == ["experiment", "n", "n_images", "clean TR@1", "clean IR@1", "pgd TR@1", "pgd IR@1"]
+    assert header == [
+        "experiment",
+        "n",
+        "seeds",
+        "n_images",
+        "clean TR@1",
+        "clean IR@1",
+        "pgd TR@1",
+        "pgd IR@1",
+    ]
     by_name = {r[0]: r for r in rows}
-    assert by_name["mat"][1:] == ["2", "200", "62.0 ± 2.8", "52.0 ± 2.8", "32.0 ± 2.8", "27.0 ± 2.8"]
-    assert by_name["clean"][1:] == ["1", "200", "70.0", "60.0", "20.0", "15.0"]
+    assert by_name["mat"][1:] == ["2", "0-1", "200", "62.0 ± 2.8", "52.0 ± 2.8", "32.0 ± 2.8", "27.0 ± 2.8"]
+    assert by_name["clean"][1:] == ["1", "0", "200", "70.0", "60.0", "20.0", "15.0"]
     csv = (tmp_path / "out" / "table.csv").read_text().splitlines()
-    assert csv[0] == "experiment,n_images,attack,eps_255,metric,n,mean,std" and len(csv) == 1 + 8
+    assert csv[0] == "experiment,n_images,attack,eps_255,metric,n,seeds,mean,std" and len(csv) == 1 + 8
     assert any(
         r["experiment"] == "mat" and r["metric"] == "tr_r1" and r["mean"] == pytest.approx(32.0)
         for r in records
@@ -91,9 +100,9 @@ def test_report_never_averages_incomparable_runs(tmp_path, capsys):
         "smoke: 4 runs in 3 groups, not averaged together: they differ in n_images, weights" in captured.err
     )
     lines = {line.split(" | ")[0].lstrip("| "): line for line in captured.out.splitlines()[2:]}
-    assert lines["smoke (n_images=200, weights=unknown)"].endswith("| 1 | 200 | 66.0 | 30.0 |")
-    assert lines["smoke (n_images=64, weights=unknown)"].endswith("| 1 | 64 | 80.0 | 40.0 |")
-    assert lines["smoke (n_images=200, weights=best)"].endswith("| 2 | 200 | 63.0 ± 1.4 | 27.0 ± 1.4 |")
+    assert lines["smoke (n_images=200, weights=unknown)"].endswith("| 1 | 0 | 200 | 66.0 | 30.0 |")
+    assert lines["smoke (n_images=64, weights=unknown)"].endswith("| 1 | 0 | 64 | 80.0 | 40.0 |")
+    assert lines["smoke (n_images=200, weights=best)"].endswith("| 2 | 1-2 | 200 | 63.0 ± 1.4 | 27.0 ± 1.4 |")
 
 
 def test_report_eps_formats_and_unknown_names(tmp_path, capsys):
@@ -113,10 +122,10 @@ def test_report_eps_formats_and_unknown_names(tmp_path, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert out.startswith("\\begin{tabular}") and "mat & 1 & 200 & 0.0 & 0.0 \\\\" in out
+    assert out.startswith("\\begin{tabular}") and "mat & 1 & 0 & 200 & 0.0 & 0.0 \\\\" in out
     assert (tmp_path / "o" / "table.tex").read_text() == out
     main(["report", str(tmp_path), "--format", "csv", "--metrics", "ir_r1"] + ["--attacks", "clean"])
-    assert capsys.readouterr().out == "experiment,n,n_images,clean IR@1\nmat,1,200,50.0\n"
+    assert capsys.readouterr().out == "experiment,n,seeds,n_images,clean IR@1\nmat,1,0,200,50.0\n"
     for bad in (["--metrics", "tr_r2"], ["--attacks", "sga"]):
         with pytest.raises(SystemExit) as e:
             main(["report", str(tmp_path), *bad])

@@ -211,6 +211,23 @@ class BertAttack(Attack):
         attack._mlm = (model.eval(), tokenizer)
         return attack
 
+    #: Settings read only when the masked LM proposes the substitutes.
+    MLM_SETTINGS = (
+        "mlm",
+        "max_length",
+        "threshold_pred_score",
+        "legacy_offset",
+        "bpe_top",
+        "bpe_max_combinations",
+        "max_subwords",
+        "mlm_batch_size",
+    )
+
+    def unused_settings(self) -> tuple[str, ...]:
+        """The settings this attack never reads: the MLM's when a ``candidate_generator`` proposes substitutes
+        (``results.json`` records the settings an attack really used)."""
+        return self.MLM_SETTINGS if self.candidate_generator is not None else ()
+
     def prepare(self, device: torch.device | str) -> None:
         if self.candidate_generator is None:
             self.mlm_and_tokenizer(torch.device(device))

@@ -1,8 +1,9 @@
 """Result files of a run: ``results.json``, ``results.csv``, ``curves.png`` + ``curves.pdf`` (DESIGN §4), written
 atomically, and the plain-text results table the ``mat`` command prints last.
 
-``results.json`` = ``{"experiment", "model", "dataset", "split", "n_images", "n_captions", "complete", "modalities",
-"rows": [...]}``; a row is ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_tr_r1", ..., "asr_flip_tr_r1",
+``results.json`` = ``{"experiment", "model", "model_sha256", "weights_sha256", "dataset", "split", "n_images",
+"n_captions", ..., "seed", "config_hash", "attacks", "git", "versions", "started_utc", "written_utc", "complete",
+"rows": [...], "config"}`` (provenance: :mod:`mat_lightning.eval.provenance`); a row is ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_tr_r1", ..., "asr_flip_tr_r1",
 ..., "seconds"}``. ``results.json`` keeps full precision; ``results.csv`` rounds to 2 decimals (for reading).
 
 This module imports no training stack (``mat report`` uses it); matplotlib is imported only to draw.
@@ -42,9 +43,10 @@ def write_results(run_dir: str | Path, payload: dict[str, Any], figures: bool = 
     """``results.json`` and ``results.csv`` in ``run_dir``; with ``figures``, ``curves.png`` and ``curves.pdf``.
 
     Called after every attack (``figures=False``, so a late failure keeps what was measured) and once at the end.
+    ``results.json`` is written last, atomically: its ``"complete": true`` (which ``mat report`` requires) means
+    every other file of the run is whole.
     """
     run_dir = Path(run_dir)
-    atomic_write(run_dir / "results.json", json.dumps(payload, indent=2))
     atomic_write(run_dir / "results.csv", results_csv(payload["rows"]))
     if figures:
         title = f"{payload.get('experiment', '')} — {payload.get('dataset', '')} {payload.get('split', '')}"
@@ -52,6 +54,7 @@ def write_results(run_dir: str | Path, payload: dict[str, Any], figures: bool = 
             buf = io.BytesIO()
             plot_curves(payload["rows"], buf, title=title, modalities=payload.get("modalities"), fmt=fmt)
             atomic_write(run_dir / f"curves.{fmt}", buf.getvalue())
+    atomic_write(run_dir / "results.json", json.dumps(payload, indent=2))
 
 
 # -- the console table ------------------------------------------------------------------------------------------------

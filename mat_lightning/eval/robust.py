@@ -47,7 +47,7 @@ from mat_lightning.errors import (
     non_finite_weights_message,
     unresolved_synthetic_name,
 )
-from mat_lightning.eval import rerank
+from mat_lightning.eval import provenance, rerank
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.report import write_results
 from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_from_ranks
@@ -55,6 +55,9 @@ from mat_lightning.files import atomic_write
 from mat_lightning.models.encoder import VLEncoder, encoder_device
 
 log = logging.getLogger(__name__)
+
+#: The checkout whose git commit results.json records (None outside a git checkout, e.g. an installed package).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: ``robust_eval.mlm: required`` in a config: the user must name the masked LM of the text attacks.
 MLM_REQUIRED = "required"
@@ -312,6 +315,12 @@ class RobustRetrievalEval(L.Callback):
         self.subcommand: str | None = None  # fit, test, validate or robust-eval
         self.weights: str | None = None  # "start", "final", "best" or the --ckpt_path tested
         self.resumed_from: str | None = None  # the checkpoint a resumed fit started from
+        # Provenance (eval/provenance.py): the run's config (the mat CLI sets it), the model's name and the content
+        # hashes of its starting and of its tested weights, the start time.
+        self.run_config: dict | None = None
+        self.model_sha256: str | None = None
+        self.weights_sha256: str | None = None
+        self.started_utc = provenance.utc_now()
         self._gallery = None  # the clean split of the last evaluation (for the W&B examples)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -322,6 +331,9 @@ class RobustRetrievalEval(L.Callback):
             )
         check_distinct_names(self.attacks)  # before training, not after it
         check_budgets(self.attacks, self.eps_255_grid)
+        if self.model_sha256 is None and trainer.is_global_zero:
+            # the first setup sees the starting weights: a checkpoint (resumed fit, --ckpt_path) loads after it
+            self.model_sha256 = provenance.weights_sha256(pl_module.encoder.state_dict())
         self._preflight(trainer, pl_module, stage)
 
     # -- fail fast: everything the evaluation needs, before the first training or attack step ------------------------
@@ -356,6 +368,10 @@ class RobustRetrievalEval(L.Callback):
         loader = trainer.test_dataloaders
         if isinstance(loader, list | tuple):
             loader = loader[0]
+        if (
+            trainer.is_global_zero
+        ):  # the weights under test (trained, or a checkpoint's), whatever file held them
+            self.weights_sha256 = provenance.weights_sha256(pl_module.encoder.state_dict())
         self.rows = robust_retrieval(
             pl_module.encoder,
             loader,
@@ -419,6 +435,16 @@ class RobustRetrievalEval(L.Callback):
             return str(trainer.ckpt_path)
         return "final" if trainer.global_step > 0 else "start"
 
+    def _model_label(self, encoder) -> str:
+        """``<model name>/<pretrained>``: the name given in the config (``synthetic``, not its cache path), a
+        weights file by its name only (what it holds is ``model_sha256``)."""
+        config = (self.run_config or {}).get("model") or {}
+        args = (config.get("encoder") or {}).get("init_args") or {} if isinstance(config, dict) else {}
+        pretrained = args.get("pretrained", getattr(encoder, "pretrained", None))
+        if isinstance(pretrained, str) and os.sep in pretrained:
+            pretrained = Path(pretrained).name
+        return f"{getattr(encoder, 'model_name', type(encoder).__name__)}/{pretrained}"
+
     def payload(
         self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict], complete: bool
     ) -> dict:
@@ -426,10 +452,16 @@ class RobustRetrievalEval(L.Callback):
         dm = trainer.datamodule
         eval_set = dm.eval_set("test") if dm is not None and hasattr(dm, "eval_set") else None
         encoder = pl_module.encoder
+        settings = (
+            provenance.run_settings(self.run_config, self.model_sha256)
+            if self.run_config is not None
+            else None
+        )
         return {
             "experiment": self.experiment,
-            "model": f"{getattr(encoder, 'model_name', type(encoder).__name__)}"
-            f"/{getattr(encoder, 'pretrained', None)}",
+            "model": self._model_label(encoder),
+            "model_sha256": self.model_sha256,  # content hash of the starting weights (eval/provenance.py)
+            "weights_sha256": self.weights_sha256,  # ... and of the weights tested
             "defense": getattr(getattr(pl_module, "defense", None), "name", None),
             "dataset": getattr(dm, "dataset", None),
             "split": dm.splits["test"] if dm is not None and hasattr(dm, "splits") else None,
@@ -442,12 +474,20 @@ class RobustRetrievalEval(L.Callback):
             "subcommand": self.subcommand or (trainer.state.fn.value if trainer.state.fn else None),
             "resumed_from": self.resumed_from,
             "seed": self.seed,
+            # the run's settings without the seed: runs with the same hash are replicates (`mat report`)
+            "config_hash": provenance.config_hash(settings) if settings is not None else None,
             # the attacks of the run and their eps grid: `mat report` averages only runs evaluated alike
             "attacks": {a.name: attack_config(a) for a in self.attacks},
             "eps_255_grid": self.eps_255_grid,
             "modalities": {a.name: a.modality for a in self.attacks},
-            "complete": complete,  # false while the attacks run, or when the run stopped before the last one
+            "git": provenance.git_state(str(REPO_ROOT)),
+            "versions": provenance.package_versions(),
+            "started_utc": self.started_utc,
+            "written_utc": provenance.utc_now(),
+            # false while the attacks run, or when the run stopped before the last one; `mat report` skips such runs
+            "complete": complete,
             "rows": list(rows),
+            "config": settings,
         }
 
     @rank_zero_only
@@ -465,8 +505,10 @@ class RobustRetrievalEval(L.Callback):
 def attack_config(attack: Attack) -> dict:
     """A JSON-able, process-independent description of an attack's settings (class, ε, public attributes).
 
-    Sets (stop words) become their size and a content hash; the package's own helper objects (a candidate
-    generator) their class and public attributes; other objects their class name.
+    Only the settings the attack uses (``unused_settings()`` drops the others, e.g. a thesaurus BERT-Attack's MLM
+    settings). Local files and folders (a masked LM, a thesaurus) become their name and content hash; sets (stop
+    words) their size and a content hash; the package's own helper objects (a candidate generator) their class
+    and public attributes; other objects their class name.
     """
 
     def value(v):
@@ -475,7 +517,9 @@ def attack_config(attack: Attack) -> dict:
         if type(v).__module__.startswith("mat_lightning.") and hasattr(v, "__dict__"):
             public = {k: value(x) for k, x in vars(v).items() if not k.startswith("_")}
             return {"class": type(v).__name__, **public}
-        if v is None or isinstance(v, bool | int | float | str):
+        if isinstance(v, str):
+            return provenance.path_identity(v)
+        if v is None or isinstance(v, bool | int | float):
             return v
         if isinstance(v, list | tuple):
             return [value(x) for x in v]
@@ -484,7 +528,8 @@ def attack_config(attack: Attack) -> dict:
             return f"<{len(v)} items {digest}>"
         return f"<{type(v).__name__}>"
 
-    public = {k: value(v) for k, v in vars(attack).items() if not k.startswith("_")}
+    unused = set(attack.unused_settings()) if hasattr(attack, "unused_settings") else set()
+    public = {k: value(v) for k, v in vars(attack).items() if not k.startswith("_") and k not in unused}
     return {"class": type(attack).__name__, "eps_255": attack.eps_255, **public}  # ε is a property
 
 

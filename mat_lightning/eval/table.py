@@ -1,11 +1,14 @@
 """``mat report``: gather ``results.json`` files into a paper-style table.
 
-Rows are groups of **comparable** runs: the same experiment, data set, split, number of test images, attack
-configuration (and ε grid), tested weights (``weights``: start, final, best or a file) and command, when the results
-record them (older files lack some fields: those count as unknown, equal to each other). Within a group the seeds
-are averaged: cells are ``mean ± std`` (std over runs, ``n-1`` denominator; one run shows its value alone). Runs of
-one experiment that differ in any of these are never averaged together: they become separate rows, labelled by what
-differs, and the command says what it separated. Columns are ``n`` (runs), ``n_images`` and attacks x metrics
+Rows are groups of **replicates**: runs of the same experiment, data set, split, number of test images, attack
+configuration (and ε grid), tested weights (``weights``: start, final, best or a checkpoint, by content hash),
+command and model (by the content hash of its weights) when the results record them (older files lack some fields:
+those count as unknown, equal to each other), and the same ``config_hash`` (the settings without the seed and the
+output-only settings, :mod:`~mat_lightning.eval.provenance`; older files: the ``config.yaml`` beside them). Within a
+group one run per seed counts, the newest complete one; incomplete runs (``"complete": false``) never count; a file
+reached twice counts once. Cells are ``mean ± std`` over the seeds (``n-1`` denominator; one seed shows its value
+alone). Groups of one experiment are separate rows, labelled by what differs, and the command says on stderr what
+it separated and which runs it skipped. Columns are ``n`` (seeds), ``seeds``, ``n_images`` and attacks x metrics
 (default TR R@1 and IR R@1), each attack at its configured budget or at ``--eps``.
 
 Output: Markdown (default), CSV or LaTeX on stdout; with ``--out``, ``table.md``, ``table.tex`` and ``table.csv``
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mat_lightning.errors import ConfigError, DataError
+from mat_lightning.eval import provenance
 from mat_lightning.files import atomic_write
 
 METRIC_LABELS = {
@@ -43,15 +47,22 @@ GROUP_FIELDS = ("dataset", "split", "n_images", "weights", "subcommand", "attack
 
 
 def find_results(paths: Sequence[str | Path]) -> list[Path]:
-    """``results.json`` files under the given run folders (searched recursively) or given directly."""
+    """``results.json`` files under the given run folders (searched recursively) or given directly, each file once
+    (by its real path: ``F F``, a folder and a file in it, a symlink and its target count once)."""
     found: list[Path] = []
+    seen: set[Path] = set()
     for p in map(Path, paths):
         if p.is_file() and p.suffix == ".json":
-            found.append(p)
+            candidates = [p]
         elif p.is_dir():
-            found += sorted(p.rglob("results.json"))
+            candidates = sorted(p.rglob("results.json"))
         else:
             raise DataError(f"{p}: neither a results.json file nor a folder")
+        for f in candidates:
+            real = f.resolve()
+            if real not in seen:
+                seen.add(real)
+                found.append(f)
     if not found:
         raise DataError(f"no results.json under {', '.join(map(str, paths))}; run an experiment first")
     return found
@@ -84,7 +95,24 @@ def load_run(f: Path) -> dict:
         if row.get("eps_255") is not None and not _is_number(row["eps_255"]):
             raise DataError(f"{f}: rows[{i}] ({row['attack']}): eps_255 = {row['eps_255']!r} is not a number")
     payload["_path"] = str(f)
-    return payload
+    return _with_provenance(payload)
+
+
+def _with_provenance(run: dict) -> dict:
+    """``_time`` (when written, else the file's mtime), ``_config_hash`` and ``_config`` (recorded, else from the
+    ``config.yaml`` beside the file, else None) of a loaded run."""
+    if "_config_hash" in run:
+        return run
+    path = Path(run["_path"])
+    written = run.get("written_utc")
+    run["_time"] = written if isinstance(written, str) else provenance.utc_of_mtime(path)
+    if isinstance(run.get("config_hash"), str):
+        run["_config_hash"] = run["config_hash"]
+        run["_config"] = run.get("config") if isinstance(run.get("config"), dict) else None
+    else:  # written before the hash was recorded
+        fallback = provenance.config_file_hash(path.parent / "config.yaml")
+        run["_config_hash"], run["_config"] = fallback or (None, None)
+    return run
 
 
 def load_runs(files: Sequence[Path]) -> list[dict]:
@@ -106,42 +134,187 @@ def _experiment(run: dict) -> str:
     return run.get("experiment") or Path(run["_path"]).parent.name
 
 
+#: ``weights`` values that name what was tested without a file (a checkpoint path is grouped by its content hash).
+NAMED_WEIGHTS = (None, "start", "final", "best")
+
+
 def _key_value(run: dict, field: str) -> str:
+    """What a run's ``field`` is compared by: weights by their content hash where it is recorded (the same weights
+    under another path, a symlinked cache, are one model), a weights file of an older run by its name."""
     value = run.get(field)
+    if field == "model" and run.get("model_sha256"):
+        return f"sha256:{run['model_sha256']}"
+    if field == "weights" and value not in NAMED_WEIGHTS and run.get("weights_sha256"):
+        return f"sha256:{run['weights_sha256']}"
+    if field == "model" and isinstance(value, str) and "//" in value:  # older files: "<name>/<cache path>"
+        name, _, path = value.partition("/")
+        value = f"{name}/{Path(path).name}"
     return "unknown" if value is None else json.dumps(value, sort_keys=True)
 
 
+def _field_label(run: dict, field: str) -> str:
+    value = run.get(field, "unknown")
+    digest = run.get("model_sha256") if field == "model" else run.get("weights_sha256")
+    if field in ("model", "weights") and digest and value not in NAMED_WEIGHTS:
+        return f"{field}={value}@{digest[:8]}"
+    return f"{field}={value}"
+
+
+def _seeds_text(seeds: list) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``; unknown seeds as ``?``."""
+    known = sorted(s for s in seeds if isinstance(s, int))
+    parts: list[str] = []
+    i = 0
+    while i < len(known):
+        j = i
+        while j + 1 < len(known) and known[j + 1] == known[j] + 1:
+            j += 1
+        parts.append(str(known[i]) if j == i else f"{known[i]}-{known[j]}")
+        i = j + 1
+    parts += ["?"] * (len(seeds) - len(known))
+    return ",".join(parts)
+
+
+def _value_text(value) -> str:
+    if isinstance(value, float):
+        return format(value, "g")
+    return "unset" if value is _UNSET else str(value)
+
+
+_UNSET = object()
+#: Settings the ``attacks``, ``eps_255_grid`` and ``model`` fields already label: not repeated in the label.
+_LABELLED_BY_FIELDS = ("robust_eval.attacks", "robust_eval.eps_255_grid", provenance.MODEL_HASH_KEY)
+
+
+def _setting_labels(keys: list[tuple], by_key: dict[tuple, list[dict]]) -> tuple[dict[tuple, str], list[str]]:
+    """Per group key, ``lr=0.001, max_steps=2``: the settings in which the groups differ (shortest unambiguous
+    dotted suffix as the name); and the full names of those settings. A group without recorded settings is
+    ``config=unknown``; groups whose settings are not all known are told apart by their hash."""
+    configs = [by_key[k][0].get("_config") for k in keys]
+    if len({k[-1] for k in keys}) == 1:
+        return {k: "" for k in keys}, []
+    if any(c is None for c in configs):
+        return {k: f"config={k[-1][:8] if k[-1] != 'unknown' else 'unknown'}" for k in keys}, ["config"]
+    names = sorted({n for c in configs for n in c})
+    differing = [
+        n
+        for n in names
+        if not n.startswith(_LABELLED_BY_FIELDS)
+        and len({json.dumps(c.get(n, "<unset>")) for c in configs}) > 1
+    ]
+    short = {}
+    for n in differing:
+        parts = n.split(".")
+        for size in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-size:])
+            if sum(1 for m in differing if m == suffix or m.endswith("." + suffix)) == 1:
+                short[n] = suffix
+                break
+    shown = differing[:4]
+    labels = {}
+    for k, c in zip(keys, configs, strict=True):
+        text = ", ".join(f"{short[n]}={_value_text(c.get(n, _UNSET))}" for n in shown)
+        if len(differing) > len(shown):
+            text += f", +{len(differing) - len(shown)} more"
+        labels[k] = text
+    return labels, differing
+
+
+def _one_per_seed(runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(replicates, skipped): the newest complete run of each seed, in seed order (runs without a seed each
+    count, last); the older runs of a seed already counted."""
+    by_seed: dict[int, list[dict]] = {}
+    unknown = []
+    for run in runs:
+        seed = run.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            by_seed.setdefault(seed, []).append(run)
+        else:
+            unknown.append(run)
+    kept, skipped = [], []
+    for seed in sorted(by_seed):
+        ordered = sorted(by_seed[seed], key=lambda r: (r["_time"], r["_path"]))
+        kept.append(ordered[-1])
+        skipped += ordered[:-1]
+    return kept + unknown, skipped
+
+
+def select_runs(runs: Sequence[dict]) -> tuple[list[dict], list[str]]:
+    """The complete runs, and a note naming the incomplete ones (a killed run never counts)."""
+    complete = [run for run in runs if run.get("complete") is not False]  # files before the flag: complete
+    incomplete = [run["_path"] for run in runs if run.get("complete") is False]
+    notes = []
+    if incomplete:
+        shown = ", ".join(incomplete[:3]) + (", ..." if len(incomplete) > 3 else "")
+        notes.append(
+            f"{len(incomplete)} incomplete run(s) skipped (stopped before their last attack; "
+            f"results.json says complete: false): {shown}"
+        )
+    return complete, notes
+
+
 def group_runs(runs: Sequence[dict]) -> tuple[dict[str, list[dict]], list[str]]:
-    """Comparable groups, labelled, and one note per experiment whose runs were split into several groups."""
+    """Groups of replicates, labelled, and the notes that explain the grouping.
+
+    Runs are comparable when their experiment, :data:`GROUP_FIELDS` and config hash (the settings without the
+    seed, ``eval/provenance.py``) are equal; of comparable runs one per seed counts (the newest complete one);
+    incomplete runs never count. An experiment whose runs fall into several groups gets one row per group,
+    labelled by what differs: ``smoke [lr=0.001, max_steps=2]``.
+    """
+    runs, notes = select_runs([_with_provenance(run) for run in runs])
     by_key: dict[tuple, list[dict]] = {}
     for run in runs:
-        key = (_experiment(run), *(_key_value(run, f) for f in GROUP_FIELDS))
+        key = (
+            _experiment(run),
+            *(_key_value(run, f) for f in GROUP_FIELDS),
+            run["_config_hash"] or "unknown",
+        )
         by_key.setdefault(key, []).append(run)
+    no_config = [run["_path"] for run in runs if run["_config_hash"] is None]
+    if no_config:
+        notes.append(
+            f"{len(no_config)} run(s) record no config hash and have no config.yaml beside them (e.g. "
+            f"{no_config[0]}): grouped by the fields they record only"
+        )
     labelled: dict[str, list[dict]] = {}
-    notes: list[str] = []
     per_experiment: dict[str, list[tuple]] = {}
     for key in by_key:
         per_experiment.setdefault(key[0], []).append(key)
     for name, keys in per_experiment.items():
-        if len(keys) == 1:
-            labelled[name] = by_key[keys[0]]
-            continue
-        differing = [i for i, f in enumerate(GROUP_FIELDS, 1) if len({k[i] for k in keys}) > 1]
-        fields = [GROUP_FIELDS[i - 1] for i in differing]
-        notes.append(
-            f"{name}: {sum(len(by_key[k]) for k in keys)} runs in {len(keys)} groups, not averaged together: "
-            f"they differ in {', '.join(fields)}"
-        )
+        labels = {keys[0]: name}
+        if len(keys) > 1:
+            differing = [i for i, f in enumerate(GROUP_FIELDS, 1) if len({k[i] for k in keys}) > 1]
+            fields = [GROUP_FIELDS[i - 1] for i in differing]
+            settings, setting_names = _setting_labels(keys, by_key)
+            what = fields + ([f"settings ({', '.join(setting_names)})"] if setting_names else [])
+            notes.append(
+                f"{name}: {sum(len(by_key[k]) for k in keys)} runs in {len(keys)} groups, not averaged "
+                f"together: they differ in {', '.join(what) or 'settings'}"
+            )
+            for key in keys:
+                parts = []
+                for i in differing:
+                    field = GROUP_FIELDS[i - 1]
+                    if field in ("attacks", "eps_255_grid"):  # long: numbered, the note says they differ
+                        parts.append(f"{field} #{1 + sorted({k[i] for k in keys}).index(key[i])}")
+                    else:
+                        parts.append(_field_label(by_key[key][0], field))
+                label = name + (f" ({', '.join(parts)})" if parts else "")
+                labels[key] = label + (f" [{settings[key]}]" if settings[key] else "")
         for j, key in enumerate(keys, 1):
-            parts = []
-            for i in differing:
-                field = GROUP_FIELDS[i - 1]
-                if field in ("attacks", "eps_255_grid"):  # long: numbered, the note says they differ
-                    parts.append(f"{field} #{1 + sorted({k[i] for k in keys}).index(key[i])}")
-                else:
-                    parts.append(f"{field}={by_key[key][0].get(field, 'unknown')}")
-            label = f"{name} ({', '.join(parts)})"
-            labelled[label if label not in labelled else f"{label} [{j}]"] = by_key[key]
+            replicates, skipped = _one_per_seed(by_key[key])
+            label = labels[key] if labels[key] not in labelled else f"{labels[key]} [{j}]"
+            labelled[label] = replicates
+            if skipped:
+                shown = ", ".join(f"{r['_path']} (seed {r['seed']})" for r in skipped[:3])
+                notes.append(
+                    f"{label}: {len(skipped)} run(s) skipped, each an older run of a seed already counted "
+                    f"(one run per seed: the newest complete one): {shown}"
+                    + (", ..." if len(skipped) > 3 else "")
+                )
+            unknown = sum(1 for r in replicates if not isinstance(r.get("seed"), int))
+            if unknown:
+                notes.append(f"{label}: {unknown} run(s) record no seed: each counted as one replicate")
     return labelled, notes
 
 
@@ -163,6 +336,12 @@ def build_table(
     Raises ConfigError for a metric or attack that no run has.
     """
     groups, _ = group_runs(runs)
+    runs = [run for group in groups.values() for run in group]
+    if not runs:
+        raise DataError(
+            "no complete run to report: every results.json given says complete: false (killed or failed runs); "
+            "re-run them"
+        )
     present_attacks = list(dict.fromkeys(r["attack"] for run in runs for r in run["rows"]))
     present_metrics = {k for run in runs for r in run["rows"] for k in r if k not in ("attack", "eps_255")}
     unknown = [m for m in metrics if m not in present_metrics]
@@ -177,13 +356,14 @@ def build_table(
         raise ConfigError(
             f"--attacks {' '.join(unknown)}: not in the results; known: {' '.join(present_attacks)}"
         )
-    header = ["experiment", "n", "n_images"] + [
+    header = ["experiment", "n", "seeds", "n_images"] + [
         f"{a} {METRIC_LABELS.get(m, m)}" for a in attacks for m in metrics
     ]
     rows, records = [], []
     for name, group in groups.items():
         n_images = sorted({str(run.get("n_images", "?")) for run in group})
-        cells = [name, str(len(group)), "/".join(n_images)]
+        seeds = _seeds_text([run.get("seed") for run in group])
+        cells = [name, str(len(group)), seeds, "/".join(n_images)]
         for a in attacks:
             for m in metrics:
                 values = []
@@ -201,6 +381,7 @@ def build_table(
                             "eps_255": eps,
                             "metric": m,
                             "n": len(values),
+                            "seeds": seeds,
                             "mean": round(statistics.mean(values), 4),
                             "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
                         }
@@ -271,15 +452,9 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     runs = load_runs(find_results(args.paths))
     _, notes = group_runs(runs)
-    header, rows, records = build_table(runs, _names(args.metrics), _names(args.attacks), args.eps)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    incomplete = [run["_path"] for run in runs if run.get("complete") is False]
-    if incomplete:
-        print(
-            f"note: {len(incomplete)} run(s) stopped before their last attack, e.g. {incomplete[0]}",
-            file=sys.stderr,
-        )
+    header, rows, records = build_table(runs, _names(args.metrics), _names(args.attacks), args.eps)
     formats = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
     print(formats[args.format](header, rows), end="")
     if args.out:
@@ -287,7 +462,7 @@ def main(argv: list[str]) -> None:
         atomic_write(out / "table.md", to_markdown(header, rows))
         atomic_write(out / "table.tex", to_latex(header, rows))
         buf = io.StringIO()
-        fields = ["experiment", "n_images", "attack", "eps_255", "metric", "n", "mean", "std"]
+        fields = ["experiment", "n_images", "attack", "eps_255", "metric", "n", "seeds", "mean", "std"]
         w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         w.writeheader()
         w.writerows(records)
