@@ -79,13 +79,16 @@ def test_report_logs_the_table_to_an_offline_wandb_run(tmp_path, monkeypatch):
     assert table["columns"] == [
         "experiment",
         "n",
+        "seeds",
         "n_images",
         "clean TR@1",
         "clean IR@1",
         "pgd TR@1",
         "pgd IR@1",
     ]
-    assert table["data"] == [["mat", "2", "200", "62.0 ± 2.8", "52.0 ± 2.8", "32.0 ± 2.8", "27.0 ± 2.8"]]
+    assert table["data"] == [
+        ["mat", "2", "0-1", "200", "62.0 ± 2.8", "52.0 ± 2.8", "32.0 ± 2.8", "27.0 ± 2.8"]
+    ]
     assert list(run_dir.glob("run-*.wandb"))  # the record stream `wandb sync` uploads
 
 
