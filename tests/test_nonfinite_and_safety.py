@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -195,3 +197,87 @@ def test_divergence_in_epoch_two_names_the_last_finite_checkpoint(tmp_path, capf
         assert state["global_step"] == 3
         assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     assert not list(tmp_path.glob("*/*/results.json"))
+
+
+# -- 2a. extreme aspect ratios: memory bounded by the output size -------------------------------------------------------
+
+PEAK_SCRIPT = """
+import resource, sys
+from pathlib import Path
+from mat_lightning.data.datamodule import load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+x = load_image(Path(sys.argv[1]), 224)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(tuple(x.shape), (after - before) // 1024)
+"""
+
+
+def test_a_1_by_20000_px_image_loads_in_little_memory(tmp_path):
+    """A 157-byte PNG, 1 px wide and 20000 px tall, passes the decompression-bomb guard (20,000 pixels); resizing its
+    shorter side to 224 made a 224 x 4,480,000 px image first: +4.2 GB of peak memory (ru_maxrss of a fresh process,
+    not time). Now the growth of the peak stays under 64 MB."""
+    from PIL import Image
+
+    path = tmp_path / "tall.png"
+    Image.new("RGB", (1, 20000), (10, 200, 30)).save(path)
+    assert path.stat().st_size < 1000
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shape, grown_mb = proc.stdout.split(") ")
+    assert shape == "(3, 224, 224"
+    assert int(grown_mb) < 64, f"peak memory grew by {grown_mb} MB"
+
+
+@pytest.mark.parametrize(("w", "h", "size"), [(2, 3000, 32), (3000, 5, 32), (9, 700, 8)])
+def test_extreme_aspect_ratio_shows_the_centre_of_the_whole_resize(tmp_path, w, h, size):
+    """Against the references' pipeline (whole image resized, then centre-cropped; PIL directly): the bounded path
+    must show the same centre (a box at the wrong offset or scale would show another part of the gradients). On
+    random noise upscaled 16x the two differ by up to 6 grey levels (Pillow's rounding); on pictures by 1-2."""
+    import numpy as np
+    from PIL import Image
+
+    from mat_lightning.data.datamodule import MAX_RESIZED_AREA, load_image
+
+    # smooth content (gradients along both sides, a wave): a box at the wrong offset or scale shows other values
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    pixels = np.stack([yy, xx, 0.5 + 0.5 * np.sin(40 * (yy + xx))], -1)
+    pixels = (pixels * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    scale = size / min(w, h)
+    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    assert rw * rh > MAX_RESIZED_AREA * size * size  # the bounded path runs
+    left, top = (rw - size) // 2, (rh - size) // 2
+    whole = Image.fromarray(pixels).resize((rw, rh), Image.BICUBIC).crop((left, top, left + size, top + size))
+    got = load_image(tmp_path / "x.png", size).permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(got - np.asarray(whole).astype(int)).max() <= 2  # Pillow's fixed-point rounding
+
+
+DATA_CHECK_PEAK = """
+import resource, sys
+from mat_lightning.cli import main
+import mat_lightning.data.check  # the command's modules imported before the first measurement
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    main(["data", "check", "--data.dataset=custom", "--data.annotations=" + sys.argv[1]])
+finally:
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("grown_mb", (after - before) // 1024)
+"""
+
+
+def test_data_check_reads_a_1_by_20000_px_image_in_little_memory(tmp_path):
+    """`mat data check` on it: MemoryError under an 8 GB cap before (5.5 GB peak); now ok, peak grows < 128 MB."""
+    from PIL import Image
+
+    Image.new("RGB", (1, 20000), (10, 200, 30)).save(tmp_path / "tall.png")
+    ann = tmp_path / "ann.json"
+    entry = {"filename": "tall.png", "split": "test", "sentences": [{"raw": "a very tall green line"}]}
+    ann.write_text(json.dumps({"images": [entry]}))
+    proc = subprocess.run(
+        [sys.executable, "-c", DATA_CHECK_PEAK, str(ann)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    grown_mb = int(proc.stdout.split("grown_mb")[-1])
+    assert grown_mb < 128, f"peak memory grew by {grown_mb} MB"
