@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
+from test_data_layouts import data_check_rows
 
 from mat_lightning.attacks import PGD
 from mat_lightning.attacks.base import Attack
@@ -204,6 +205,11 @@ def test_report_imports_no_training_stack(tmp_path):
 
 
 def test_data_check_on_a_test_only_set(tmp_path, capsys):
+    """A custom set with only a test file: its row counts the 2 images and captions, train and val are absent.
+
+    Bug caught: a missing split reported as ok (or as an error), counts from the wrong split; the old check
+    ("absent" and "ok" somewhere in the output) passed both.
+    """
     from PIL import Image
 
     (tmp_path / "img").mkdir()
@@ -221,8 +227,10 @@ def test_data_check_on_a_test_only_set(tmp_path, capsys):
             "--image_size=8",
         ]
     )
-    out = capsys.readouterr().out
-    assert "absent" in out and "ok" in out
+    rows = data_check_rows(capsys.readouterr().out)
+    assert rows["test"][1:] == ["2", "2", "1 x2", "ok"]
+    assert rows["train"][-1].startswith("absent") and rows["val"][-1].startswith("absent")
+    assert rows["train"][1:3] == rows["val"][1:3] == ["-", "-"]
 
 
 def test_required_mlm_and_missing_images_reported_once(tmp_path, capsys):

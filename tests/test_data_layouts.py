@@ -72,6 +72,16 @@ def write_layout(root: Path, layout: str, dataset: str = "flickr30k") -> Path:
     return images
 
 
+def data_check_rows(out: str) -> dict[str, list[str]]:
+    """The split rows of ``mat data check``'s table: split -> [layout, images, captions, captions/image, status]."""
+    rows = {}
+    for line in out.replace("│", "|").splitlines():
+        cells = [c.strip() for c in line.strip("|┃ ").split("|")]
+        if len(cells) == 6 and cells[0] in ("train", "val", "test"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
 CASES = [
     ("karpathy", "flickr30k"),
     ("albef", "flickr30k"),
@@ -118,12 +128,18 @@ def test_missing_images_list_the_first_20_then_a_count(tmp_path):
 
 
 def test_data_check_reports_layout_counts_and_bad_files(tmp_path, capsys):
+    """Every split's row, cell for cell (as SPLITS writes them), then a bad image named with exit 2.
+
+    Bug caught: counts of one split shown under another, images counted as captions, a ragged split's caption
+    counts collapsed, a layout misnamed; a substring test (``"12" in out``) passes any of them.
+    """
     images = write_layout(tmp_path, "clip_benchmark", "flickr30k")
     main(["data", "check", "--data.dataset=flickr30k", f"--data.root={tmp_path}", "--image_size=16"])
-    out = capsys.readouterr().out
-    assert "clip_benchmark" in out
-    assert "1 x1, 5 x1, 6 x1" in out  # ragged test split: captions per image
-    assert "12" in out  # test captions
+    assert data_check_rows(capsys.readouterr().out) == {
+        "train": ["clip_benchmark", "2", "3", "1 x1, 2 x1", "ok"],
+        "val": ["clip_benchmark", "1", "2", "2 x1", "ok"],
+        "test": ["clip_benchmark", "3", "12", "1 x1, 5 x1, 6 x1", "ok"],  # ragged test split
+    }
     (images / "302.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(SystemExit) as exit_:
         main(["data", "check", "--data.dataset=flickr30k", f"--data.root={tmp_path}", "--image_size=16"])
