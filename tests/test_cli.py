@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from references import encoder_from_checkpoint, split_recall
 
 from mat_lightning.cli import main
 
@@ -51,7 +52,13 @@ def run_dir_of(root: Path) -> Path:
     return dirs[0]
 
 
-def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path, capsys):
+def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path, tiny_test_split, capsys):
+    """`mat fit` writes config, checkpoint, results (the clean row equal to recall computed by hand from the saved
+    weights on the whole test split), CSV, figure, W&B files; the saved config re-runs into a new folder.
+
+    Bug caught (results): a row evaluated on other weights than the checkpoint's, a partial split, misaligned
+    captions; the old range check (0..100) passed them.
+    """
     main(
         [
             "fit",
@@ -74,7 +81,12 @@ def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path, capsys):
     for key in ("experiment", "model", "dataset", "split", "n_images", "n_captions", "rows"):
         assert key in results
     assert results["n_images"] == 32 and results["n_captions"] == 160
-    assert results["rows"][0]["attack"] == "clean" and 0 <= results["rows"][0]["tr_r1"] <= 100
+    # the clean row is the trained weights' recall on the whole test split (explicit loops)
+    expected = split_recall(
+        encoder_from_checkpoint(run / "checkpoints" / "last.ckpt", tiny_clip_path), *tiny_test_split
+    )
+    assert results["rows"][0]["attack"] == "clean"
+    assert {k: results["rows"][0][k] for k in expected} == pytest.approx(expected)
     assert (run / "results.csv").read_text().startswith("attack,eps_255,tr_r1")
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run / "wandb").glob("offline-run-*"))

@@ -8,12 +8,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from references import brute_force, encoder_from_checkpoint, hand_pgd_caption_cosine, split_recall, tr_r1_hits
 
 from mat_lightning.attacks import PGD, BertAttack
 from mat_lightning.cli import main
 from mat_lightning.data.datamodule import RetrievalDataModule
 from mat_lightning.errors import ConfigError
-from mat_lightning.eval.retrieval import recall_at_k
 from mat_lightning.eval.robust import RobustRetrievalEval, robust_retrieval
 from mat_lightning.module import MatModule
 from mat_lightning.synthetic import data_args, ensure_mlm
@@ -28,24 +28,44 @@ def loader(n=16, batch=6):
 
 
 def test_rows_match_a_direct_computation(tiny_encoder):
+    """The clean and PGD rows against a hand-written PGD (sign ascent on the caption cosine, no random start) and
+    recall by explicit loops over the whole split, including both attack-success definitions.
+
+    Bugs caught: rows computed per batch and averaged (not on the whole split), images and captions misaligned across
+    batches, the attack's budget or steps not applied, recall that counts ties as hits, asr_flip counted over the
+    wrong queries.
+    """
     dl, eval_set = loader()
-    attack = PGD(eps_255=2, steps=3, step_255=1)
+    attack = PGD(eps_255=2, steps=3, step_255=1, random_start=False, objective="caption_cosine")
     rows = robust_retrieval(tiny_encoder, dl, [attack], progress=False)
     assert [r["attack"] for r in rows] == ["clean", "pgd"]
-    # Reference: attack each batch with an identically seeded attack keyed by the images' split indices, then brute
-    # recall on the whole split.
-    ref_attack = PGD(eps_255=2, steps=3, step_255=1)
     adv = torch.cat(
-        [ref_attack(tiny_encoder, b.images, b.captions, b.txt2img, b.image_ids).images for b in dl]
+        [
+            hand_pgd_caption_cosine(tiny_encoder, b.images, b.captions, b.txt2img, 2 / 255, 1 / 255, 3)
+            for b in dl
+        ]
     )
+    clean = torch.cat([b.images for b in dl])
+    txt2img = eval_set.txt2img
     with torch.no_grad():
-        sim = tiny_encoder.encode_image(adv) @ tiny_encoder.encode_text(eval_set.captions).T
-    expected = recall_at_k(sim, eval_set.txt2img)
+        text = tiny_encoder.encode_text(eval_set.captions)
+        sim_clean, sim_adv = (
+            tiny_encoder.encode_image(clean) @ text.T,
+            tiny_encoder.encode_image(adv) @ text.T,
+        )
+    expected_clean, expected = brute_force(sim_clean, txt2img), brute_force(sim_adv, txt2img)
+    assert expected["r_mean"] < expected_clean["r_mean"]  # the attack does something
+    for k, v in expected_clean.items():
+        assert rows[0][k] == pytest.approx(v), k
     for k, v in expected.items():
-        assert rows[1][k] == pytest.approx(v)
-    for key in ("asr_drop_tr_r1", "asr_flip_ir_r10", "asr_drop_r_mean", "seconds"):
-        assert key in rows[1]
-    assert rows[1]["asr_drop_tr_r1"] == pytest.approx(rows[0]["tr_r1"] - rows[1]["tr_r1"])
+        assert rows[1][k] == pytest.approx(v), k
+        assert rows[1][f"asr_drop_{k}"] == pytest.approx(expected_clean[k] - v), k
+    hit_clean, hit_adv = tr_r1_hits(sim_clean, txt2img), tr_r1_hits(sim_adv, txt2img)
+    flipped = sum(c and not a for c, a in zip(hit_clean, hit_adv, strict=True))
+    assert rows[1]["asr_flip_tr_r1"] == pytest.approx(
+        100 * flipped / sum(hit_clean)
+    )  # share of the clean hits
+    assert "seconds" in rows[1]
 
 
 def test_eps_grid_and_text_attacks(tiny_encoder):
@@ -157,7 +177,13 @@ def test_mat_robust_eval_on_a_checkpoint(tmp_path, tiny_clip_path):
     assert (tmp_path / "adv" / "pgd_eps2" / "captions.json").is_file()
 
 
-def test_any_checkpoint_under_any_defense_and_clear_errors(tmp_path, tiny_clip_path, capsys):
+def test_any_checkpoint_under_any_defense_and_clear_errors(tmp_path, tiny_clip_path, tiny_test_split, capsys):
+    """`mat robust-eval` on a FARE run's checkpoint evaluates that checkpoint's weights: its clean row equals recall
+    computed by hand from the weights in the file (moved far from the start, so that the start weights would show).
+
+    Bug caught: the checkpoint's hyperparameters read but the weights not loaded (or the FARE frozen copy's loaded
+    into the encoder), the wrong split or number of images; a plain file named with exit 2.
+    """
     tiny = [
         "--data.world=tiny",
         "--model.encoder.init_args.pretrained=synthetic:tiny",
@@ -181,11 +207,24 @@ def test_any_checkpoint_under_any_defense_and_clear_errors(tmp_path, tiny_clip_p
             "--trainer.limit_train_batches=1",
         ]
     )
-    ckpt = next((tmp_path / "fare").glob("*/checkpoints/last.ckpt"))
+    # The checkpoint's encoder weights moved far from the start (noise), so that evaluating any other weights shows.
+    trained = torch.load(next((tmp_path / "fare").glob("*/checkpoints/last.ckpt")), weights_only=False)
+    g = torch.Generator().manual_seed(0)
+    for key, value in trained["state_dict"].items():
+        if key.startswith("encoder.") and value.is_floating_point() and value.dim() > 1:
+            value.add_(0.02 * torch.randn(value.shape, generator=g))
+    ckpt = tmp_path / "moved.ckpt"
+    torch.save(trained, ckpt)
     main(
         ["robust-eval", *tiny, "--experiment=ev", "--run_root", str(tmp_path), "--ckpt_path", str(ckpt)]
     )  # clean config
-    assert next((tmp_path / "ev").glob("*/results.json")).is_file()
+    results = json.loads(next((tmp_path / "ev").glob("*/results.json")).read_text())
+    images, captions = tiny_test_split
+    expected = split_recall(encoder_from_checkpoint(ckpt, tiny_clip_path), images[:8], captions[:8])
+    start = split_recall(encoder_from_checkpoint(None, tiny_clip_path), images[:8], captions[:8])
+    assert expected != start  # the test tells the checkpoint's weights from the start weights
+    assert {k: results["rows"][0][k] for k in expected} == pytest.approx(expected)
+    assert results["weights"] == str(ckpt) and results["n_images"] == 8
     torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(SystemExit) as e:
         main(
