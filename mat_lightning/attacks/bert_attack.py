@@ -27,9 +27,20 @@ image-independent part (:meth:`BertAttack.prepare_captions`: tokenisation, MLM c
 computed once and shared when the same captions are attacked twice (SGA).
 
 Offsets: HF tokenisers put ``[CLS]`` at position 0, so word ``j``'s sub-words sit one position after their index in
-the word's sub-word list. We shift (as the original BERT-Attack does); ``legacy_offset=True`` reproduces the
-off-by-one of Co-Attack/SGA (candidates of word ``j`` read at the *previous* token) for comparison with published
-numbers.
+the word's sub-word list. We shift (as the original BERT-Attack does); ``legacy_offset=True`` reproduces only the
+off-by-one of Co-Attack/SGA (candidates of word ``j`` read at the *previous* token).
+
+``reference=True`` reproduces the published text attackers (Co-Attack's ``BertAttack.attack``, SGA's
+``TextAttacker.img_guided_attack``) output for output, proven against their code by
+``tests/fixtures/reference_attacks``: the off-by-one; the MLM reads ``[CLS] X`` with no ``[SEP]``, truncated to
+``max_length`` tokens; words are skipped only when their first sub-word lies past ``max_length - 2`` (a word cut by
+the truncation keeps the positions that remain); multi-sub-word words use their first 12 sub-words; their stop list
+(:data:`~mat_lightning.attacks.reference.REFERENCE_STOP_WORDS`), matched exactly; candidates filtered only for the
+word itself (exact), ``##`` and stop words (special tokens such as ``[UNK]`` stay candidates); word pieces joined as
+their slow tokenizer does; and every text the text encoder reads during the attack is
+:func:`~mat_lightning.attacks.reference.text_view` (BERT-tokenised at ``max_length``, decoded). Captions are taken
+as given: the references clean them with ``pre_caption`` first, which the suites do for every row
+(``robust_eval.caption_preprocess: pre_caption``).
 
 Deliberate differences: candidates equal to the word up to case, and duplicates, are dropped (they cannot beat the
 current caption under CLIP's lower-casing tokenizer); stop words are matched case-insensitively (the references
@@ -38,6 +49,7 @@ lower-case captions beforehand); words whose sub-words run past ``max_length`` a
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -50,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mat_lightning.attacks.base import Attack, AttackResult
+from mat_lightning.attacks.reference import REFERENCE_STOP_WORDS, join_pieces, text_view
 from mat_lightning.attacks.stopwords import STOP_WORDS
 from mat_lightning.cache import corrupt_cache_hint, is_cached
 from mat_lightning.errors import ConfigError, NonFiniteError, is_synthetic_name, unresolved_synthetic_name
@@ -144,6 +157,9 @@ class BertAttack(Attack):
         threshold_pred_score: one-sub-word candidates stop at the first raw MLM logit below it (references: 0.3;
             0 disables).
         legacy_offset: reproduce the Co-Attack/SGA off-by-one (candidates from the previous token's position).
+        reference: reproduce the published Co-Attack/SGA text attack exactly (module docstring); implies
+            ``legacy_offset``, and the references' stop list unless ``stop_words`` is given. Co-Attack runs it at
+            ``max_length=30``, SGA at 77.
         bpe_top, bpe_max_combinations, max_subwords: multi-sub-word words: top tokens per sub-word, combinations
             kept (in product order) and ranked by perplexity, all proposed (references: 4, 24), and the longest
             word attempted.
@@ -167,6 +183,7 @@ class BertAttack(Attack):
         max_length: int = 77,
         threshold_pred_score: float = 0.3,
         legacy_offset: bool = False,
+        reference: bool = False,
         bpe_top: int = 4,
         bpe_max_combinations: int = 24,
         max_subwords: int = 12,
@@ -190,19 +207,43 @@ class BertAttack(Attack):
                 f"{bpe_max_combinations})"
             )
         self.mlm, self.top_k, self.max_words, self.objective = mlm, top_k, max_words, objective
-        self.max_length, self.legacy_offset = max_length, legacy_offset
+        if reference and candidate_generator is not None:
+            raise ConfigError(
+                "BertAttack reference=True reproduces the MLM attack: it takes no candidate_generator"
+            )
+        self.max_length, self.legacy_offset, self.reference = (
+            max_length,
+            legacy_offset or reference,
+            reference,
+        )
         self.threshold_pred_score = float(threshold_pred_score)
         self.bpe_top, self.bpe_max_combinations, self.max_subwords = (
             bpe_top,
             bpe_max_combinations,
             max_subwords,
         )
-        self.stop_words = frozenset(w.lower() for w in stop_words) if stop_words is not None else STOP_WORDS
+        if stop_words is not None:
+            self.stop_words = frozenset(w if reference else w.lower() for w in stop_words)
+        else:
+            self.stop_words = REFERENCE_STOP_WORDS if reference else STOP_WORDS
         self.unk_token = unk_token
         self.candidate_generator = candidate_generator
         self.text_batch_size, self.mlm_batch_size = text_batch_size, mlm_batch_size
         self._mlm: tuple[Any, Any] | None = None
         self._special: frozenset[str] = frozenset()
+
+    def as_reference(self, max_length: int) -> BertAttack:
+        """A copy in reference mode at ``max_length`` (the references' stop list unless custom stop words were set)."""
+        other = copy.copy(self)
+        other.reference = other.legacy_offset = True
+        other.max_length = max_length
+        if self.stop_words is STOP_WORDS:
+            other.stop_words = REFERENCE_STOP_WORDS
+        if self.candidate_generator is not None:
+            raise ConfigError(
+                "reference mode reproduces the MLM attack: its text attack takes no candidate_generator"
+            )
+        return other
 
     @classmethod
     def from_mlm(cls, model: Any, tokenizer: Any, **kwargs: Any) -> BertAttack:
@@ -256,10 +297,18 @@ class BertAttack(Attack):
     # -- the batched algorithm ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, encoder: VLEncoder, texts: Sequence[str]) -> Tensor:
-        """float32[T, D] text embeddings in chunks of ``text_batch_size`` (fp32 even under a bf16 autocast)."""
+    def encode(self, encoder: VLEncoder, texts: Sequence[str], view_length: int | None = None) -> Tensor:
+        """float32[T, D] text embeddings in chunks of ``text_batch_size`` (fp32 even under a bf16 autocast).
+
+        In reference mode the encoder reads the references' :func:`~mat_lightning.attacks.reference.text_view` of
+        the texts at ``view_length`` BERT tokens (default ``max_length``).
+        """
         if not texts:
             return torch.empty(0)
+        if self.reference:
+            texts = text_view(
+                self.mlm_and_tokenizer(encoder_device(encoder))[1], texts, view_length or self.max_length
+            )
         return torch.cat(
             [
                 encoder.encode_text(texts[i : i + self.text_batch_size]).float()
@@ -383,7 +432,10 @@ class BertAttack(Attack):
                 keys.append((len(sub_ids), len(sub_ids) + len(pieces)))
                 sub_ids += pieces
             pos += len(ws)
-            ids.append([tok.cls_token_id] + sub_ids[: self.max_length - 2] + [tok.sep_token_id])
+            if self.reference:  # the ALBEF tokenizer of the references: [CLS] X, no [SEP]
+                ids.append([tok.cls_token_id] + sub_ids[: self.max_length - 1])
+            else:
+                ids.append([tok.cls_token_id] + sub_ids[: self.max_length - 2] + [tok.sep_token_id])
             spans.append(keys)
         n_top = max(self.top_k, self.bpe_top)
         top_ids, top_logits = _mlm_topk(model, tok, ids, n_top, self.mlm_batch_size, device)  # (T, L, n_top)
@@ -391,11 +443,15 @@ class BertAttack(Attack):
         single: list[tuple[int, int, int]] = []  # (caption, word, position) of one-sub-word words
         for t, keys in enumerate(spans):
             for j, (start, end) in enumerate(keys):
+                if not self._attackable(words[t][j]):
+                    continue
                 if (
-                    not self._attackable(words[t][j])
-                    or end > self.max_length - 2
-                    or end - start > self.max_subwords
-                ):
+                    self.reference
+                ):  # skipped only past max_length - 2; cut at the sequence end; first 12 pieces
+                    if start > self.max_length - 2 or start == end:
+                        continue
+                    end = min(end, self.max_length, start + self.max_subwords)
+                elif end > self.max_length - 2 or end - start > self.max_subwords:
                     continue
                 if end - start == 1:
                     single.append((t, j, start + offset))
@@ -455,16 +511,22 @@ class BertAttack(Attack):
             ranked = [word_combos[i] for i in torch.argsort(scores, stable=True).tolist()]
             tokens = tok.convert_ids_to_tokens([i for c in ranked for i in c])  # one call for the word
             width = len(ranked[0])  # every combination of a word has one token per sub-word
-            texts = [
-                tok.convert_tokens_to_string(tokens[k : k + width]) for k in range(0, len(tokens), width)
-            ]
+            join = join_pieces if self.reference else tok.convert_tokens_to_string
+            texts = [join(tokens[k : k + width]) for k in range(0, len(tokens), width)]
             prep.candidates[t][j] = self._filter(prep.words[t][j], texts)
 
     def _attackable(self, word: str) -> bool:
+        if self.reference:
+            return word not in self.stop_words
         return bool(word) and word.lower() not in self.stop_words
 
     def _filter(self, word: str, candidates: list[str]) -> list[str]:
-        """Drop empty strings, sub-word pieces, special tokens, stop words, the word itself and duplicates."""
+        """Drop empty strings, sub-word pieces, special tokens, stop words, the word itself and duplicates.
+
+        Reference mode drops only the word itself (exact), anything holding ``##`` and stop words (exact).
+        """
+        if self.reference:
+            return [c for c in candidates if c != word and "##" not in c and c not in self.stop_words]
         special, stop, lowered = self._special, self.stop_words, word.lower()
         out: list[str] = []
         for c in candidates:

@@ -20,6 +20,23 @@ and the evaluation gallery of a call reach the parts too (per-image random start
 
 Deliberate difference from the reference scripts: each image is attacked once with all of its captions (Co-Attack's
 script attacks every image once per caption and keeps the last).
+
+``reference=True`` on ``CoAttack`` / ``SGA`` reproduces the published code (Co-Attack @ 96f2c0eb
+``RetrievalCLIPEval.py --adv 4``; SGA @ f49e6926 ``SGAttacker.attack`` as its CLIP scripts call it), proven against
+it by ``tests/fixtures/reference_attacks``; the text part runs in
+:class:`~mat_lightning.attacks.bert_attack.BertAttack` reference mode at the references' ``max_length``. Whatever the
+parts are configured with, reference mode fixes:
+
+* Co-Attack: text attack at ``max_length`` 30; each image attacked against its **last** caption only (the script's
+  per-pair attack, where the last pair's image overwrites the others); start ``x + U(0, ε)`` not clamped to [0, 1];
+  the adversarial caption's embedding for the image loss read at 77 BERT tokens;
+* SGA: text attacks at ``max_length`` 77; the guiding adversarial captions of the image attack read at 30 BERT
+  tokens (the script's ``max_lemgth=77`` keyword is misspelt, so the default 30 applies); the scaled views clamped to
+  [0, 1] *after* the downscale (noise added unclamped).
+
+The budget (ε, steps, step size), α and the scales stay configurable. The random draws remain ours (per image,
+keyed): the fixture injects them into the published code, which otherwise draws from numpy's / torch's global
+generators.
 """
 
 from __future__ import annotations
@@ -133,6 +150,7 @@ class CoAttack(_Composed):
             Co-Attack's setting); its own objective is replaced by Co-Attack's.
         text_attack: the text part; its objective is replaced by ``embedding_kl``.
         alpha: weight of the image-text KL term (Co-Attack's ``--alpha``, 3.0).
+        reference: reproduce the published code (module docstring).
         name: the row label (default ``co_attack``; see :class:`~mat_lightning.attacks.base.Attack`).
     """
 
@@ -143,18 +161,24 @@ class CoAttack(_Composed):
         image_attack: PGD | None = None,
         text_attack: BertAttack | None = None,
         alpha: float = 3.0,
+        reference: bool = False,
         seed: int | None = 0,
         name: str | None = None,
     ) -> None:
         super().__init__(image_attack, text_attack, 0.25, seed, name)
         if alpha < 0:
             raise ConfigError(f"CoAttack alpha={alpha}: must be >= 0")
-        self.alpha = alpha
+        self.alpha, self.reference = alpha, reference
+        if reference:
+            self.text_attack = self.text_attack.as_reference(max_length=30)
+            self.image_attack.random_start, self.image_attack.clamp_start = "one_sided", False
 
     def forward(
         self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor
     ) -> AttackResult:
         adv_captions = self.text_attack.perturb(encoder, captions, txt2img, "embedding_kl")
+        if self.reference:
+            return AttackResult(self._reference_images(encoder, images, adv_captions, txt2img), adv_captions)
         with torch.no_grad():
             guidance = Guidance(
                 txt2img=txt2img,
@@ -169,25 +193,66 @@ class CoAttack(_Composed):
         adv_images = self.image_attack.perturb(encoder, images, objective, guidance)
         return AttackResult(adv_images, adv_captions)
 
+    def _reference_images(
+        self, encoder: VLEncoder, images: Tensor, adv_captions: list[str], txt2img: Tensor
+    ) -> Tensor:
+        """The script's per-(image, caption) attack, of which each image keeps the last pair's result: each image
+        attacked against its last caption (an image without captions is never attacked, as in the script)."""
+        n = images.shape[0]
+        order = torch.arange(len(adv_captions), device=txt2img.device)
+        last = torch.full((n,), -1, dtype=torch.long, device=txt2img.device).scatter_reduce(
+            0, txt2img, order, "amax"
+        )
+        has_caption = last >= 0
+        with torch.no_grad():
+            clean_emb = encoder.encode_image(images)
+            text_emb = clean_emb.clone()  # rows without a caption: any target (their result is discarded)
+            if bool(has_caption.any()):
+                rows = last[has_caption].tolist()
+                text_emb[has_caption] = self.text_attack.encode(
+                    encoder, [adv_captions[t] for t in rows], view_length=77
+                ).to(text_emb)
+        guidance = Guidance(
+            txt2img=torch.arange(n, device=images.device), text_emb=text_emb, clean_emb=clean_emb
+        )
+        alpha = self.alpha
+
+        def objective(emb: Tensor, g: Guidance) -> Tensor:
+            return kl_from(emb, g.clean_emb) + alpha * kl_from(emb, g.text_emb)
+
+        adv = self.image_attack.perturb(encoder, images, objective, guidance)
+        return torch.where(has_caption.view(-1, 1, 1, 1).to(adv.device), adv, images)
+
 
 class ScaledViews:
-    """SGA's scale-invariant copies: ``x + N(0, σ²)`` clamped, resized to ``s·H`` and back (bicubic), per scale."""
+    """SGA's scale-invariant copies: ``x + N(0, σ²)`` clamped, resized to ``s·H`` and back (bicubic), per scale.
 
-    def __init__(self, scales: Sequence[float], noise_std: float) -> None:
+    ``clamp_after_downscale=True`` is SGA's code: the noisy image is downscaled unclamped and clamped to [0, 1]
+    after the downscale (ours clamps the noisy image, so the downscale never sees pixels outside [0, 1]).
+    """
+
+    def __init__(
+        self, scales: Sequence[float], noise_std: float, clamp_after_downscale: bool = False
+    ) -> None:
         self.scales, self.noise_std = list(scales), noise_std
+        self.clamp_after_downscale = clamp_after_downscale
 
     def __call__(self, x: Tensor, rng: SampleRandomness) -> list[Tensor]:
         size = x.shape[-2:]
         views = []
         for s in self.scales:
             noise = rng.normal(x.shape, x.dtype) * self.noise_std
-            noisy = (x + noise).clamp(0, 1)
+            noisy = x + noise
+            if not self.clamp_after_downscale:
+                noisy = noisy.clamp(0, 1)
             small = F.interpolate(
                 noisy,
                 size=(max(1, int(size[0] * s)), max(1, int(size[1] * s))),
                 mode="bicubic",
                 align_corners=False,
             )
+            if self.clamp_after_downscale:
+                small = small.clamp(0, 1)
             views.append(F.interpolate(small, size=size, mode="bicubic", align_corners=False))
         return views
 
@@ -202,6 +267,7 @@ class SGA(_Composed):
             adversarial, image).
         scales: rescaling factors of the image copies (SGA: 0.5, 0.75, 1.25, 1.5).
         noise_std: Gaussian noise added to each copy (SGA: 0.05).
+        reference: reproduce the published code (module docstring).
         name: the row label (default ``sga``; see :class:`~mat_lightning.attacks.base.Attack`).
     """
 
@@ -213,6 +279,7 @@ class SGA(_Composed):
         text_attack: BertAttack | None = None,
         scales: list[float] | None = None,
         noise_std: float = 0.05,
+        reference: bool = False,
         seed: int | None = 0,
         name: str | None = None,
     ) -> None:
@@ -220,7 +287,9 @@ class SGA(_Composed):
         self.scales = list(scales) if scales is not None else [0.5, 0.75, 1.25, 1.5]
         if any(s <= 0 for s in self.scales) or noise_std < 0:
             raise ConfigError(f"SGA scales={self.scales} must be > 0 and noise_std={noise_std} >= 0")
-        self.noise_std = noise_std
+        self.noise_std, self.reference = noise_std, reference
+        if reference:
+            self.text_attack = self.text_attack.as_reference(max_length=77)
 
     def forward(
         self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor
@@ -233,10 +302,15 @@ class SGA(_Composed):
             encoder, captions, txt2img, "image_cosine", clean_img, prepared=prepared
         )
         with torch.no_grad():
-            guidance = Guidance(txt2img=txt2img, text_emb=encoder.encode_text(guide_captions))
-        adv_images = self.image_attack.perturb(
-            encoder, images, caption_cosine, guidance, views=ScaledViews(self.scales, self.noise_std)
-        )
+            if (
+                self.reference
+            ):  # SGAttacker.attack tokenises the guiding captions at its default max_length 30
+                text_emb = self.text_attack.encode(encoder, guide_captions, view_length=30)
+            else:
+                text_emb = encoder.encode_text(guide_captions)
+            guidance = Guidance(txt2img=txt2img, text_emb=text_emb.to(images.device))
+        views = ScaledViews(self.scales, self.noise_std, clamp_after_downscale=self.reference)
+        adv_images = self.image_attack.perturb(encoder, images, caption_cosine, guidance, views=views)
         with torch.no_grad():
             adv_img = encoder.encode_image(adv_images)
         adv_captions = self.text_attack.perturb(

@@ -4,8 +4,8 @@ Follows torchattacks' ``PGD`` (random start ``U(-ε, ε)`` clamped to [0, 1], ``
 ε-ball then to [0, 1], last iterate returned) and adds what the VL robustness papers use:
 
 * ``random_start="one_sided"``: Co-Attack's code starts from ``x + U(0, ε)`` (``uniform_(0, 1)·ε``), not from the
-  symmetric ball; this reproduces it (as the draw ``U(-ε, ε)`` mapped by ``u -> (u + ε) / 2``, so both starts use
-  the same random numbers). Unlike Co-Attack we clamp the start to [0, 1] before the first forward;
+  symmetric ball; this reproduces it (the same uniform draws as the symmetric start, scaled by ε). Unlike Co-Attack
+  we clamp the start to [0, 1] before the first forward; ``clamp_start=False`` does not (Co-Attack's reference);
 
 * ``norm="l2"`` (step along the L2-normalised gradient, projection onto the L2 ball);
 * ``momentum`` as RobustVLM's ``pgd_train.py`` (FARE/TeCoA training): a velocity of normalised gradients,
@@ -59,6 +59,8 @@ class PGD(Attack):
             of the L2 ball; ``one_sided``: ``x + U(0, ε)`` per pixel, Co-Attack's code (L∞ only); ``none``
             (or ``False``): start at the clean image.
         momentum: RobustVLM-style momentum on normalised gradients (0 = plain PGD; no effect under L∞).
+        clamp_start: clamp the random start to [0, 1] before the first forward (False: Co-Attack's code, whose
+            first forward may see pixels up to 1 + ε).
         objective: what is maximised: ``contrastive`` (in-batch negatives), ``split_contrastive`` (negatives from
             the evaluation split's clean embeddings; robust evaluation only), ``caption_cosine``, ``embedding_kl``,
             ``embedding_l2``, ``cross_entropy``.
@@ -78,10 +80,12 @@ class PGD(Attack):
         random_start: bool | Literal["symmetric", "one_sided", "none"] = "symmetric",
         momentum: float = 0.0,
         objective: str = "contrastive",
+        clamp_start: bool = True,
         seed: int | None = 0,
         name: str | None = None,
     ) -> None:
         super().__init__(seed, name)
+        self.clamp_start = bool(clamp_start)
         if objective not in IMAGE_OBJECTIVES:
             raise ConfigError(f"PGD objective={objective!r}; choose one of {sorted(IMAGE_OBJECTIVES)}")
         if norm not in ("linf", "l2"):
@@ -184,15 +188,16 @@ class PGD(Attack):
         adv = x0.clone()
         if self.random_start != "none" and eps > 0:
             if self.norm == "linf":
-                noise = (2 * rng.uniform(adv.shape, adv.dtype) - 1) * eps  # U(-ε, ε)
-                if self.random_start == "one_sided":  # U(-ε, ε) -> U(0, ε): Co-Attack's start
-                    noise = (noise + eps) / 2
+                u = rng.uniform(adv.shape, adv.dtype)
+                # U(0, ε) as Co-Attack's uniform_(0, 1) * ε, else U(-ε, ε)
+                noise = u * eps if self.random_start == "one_sided" else (2 * u - 1) * eps
                 adv = adv + noise
             else:
                 direction = rng.normal(adv.shape, adv.dtype)
                 radius = rng.uniform((adv.shape[0], 1, 1, 1), adv.dtype)
                 adv = adv + eps * radius * direction / _l2(direction)
-            adv = adv.clamp(0, 1)
+            if self.clamp_start:
+                adv = adv.clamp(0, 1)
         velocity = torch.zeros_like(adv)
         guidance = guidance.float()
         # DESIGN §4: the keyword is passed only where it is needed (FARE), so DESIGN's encode_image(images) works
