@@ -18,10 +18,12 @@ One torch thread, interleaved repetitions, medians (the machine is shared):
    (:func:`bench_mat_step` says what the floor holds): ``mat_step_ratio``.
 7. Batched BertAttack vs the same attack assembled from TextAttack's components (50 synthetic-world captions): speed,
    % of captions where both changed the same word, and R@1 after each attack.
-
 8. ``mat`` start-up: ``mat fit --help``, an unknown option and ``mat eval`` without ``--model``, each a fresh process,
    against importing the training stack (``import mat_lightning.cli``), which the front door no longer does for them:
    best and median seconds of each, and the ratio of the medians (``cli_startup``).
+9. ITM re-ranking sharded over processes (:mod:`benchmarks.rerank_scaling`, ``rerank_scaling``): a tiny BLIP on 64,
+   256 and 1,024 generated images, 1 and 2 CPU processes (gloo): ITM pairs and peak host memory per rank; with the
+   FLOPs of BLIP-base and the COCO-5k projection on 8 GPUs derived from them.
 
 ``python -m benchmarks.run --world-rows`` runs only rows 6 and 7 and merges them into an existing bench.json;
 ``--cli-rows`` runs only row 8, also merged.
@@ -40,6 +42,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import rerank_scaling
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -497,6 +501,8 @@ def markdown_table(r: dict) -> str:
                     "< 2 s",
                 )
             )
+    if "rerank_scaling" in r:
+        rows += rerank_scaling.table_rows(r["rerank_scaling"])
     lines = ["| measurement | figures | ratio | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -653,6 +659,7 @@ def main() -> None:
     results["recall_coco_size"] = bench_recall(reps=3)
     results["robust_eval_ddp_cpu"] = bench_ddp_robust_eval()
     results["cli_startup"] = bench_cli_startup()
+    results["rerank_scaling"] = rerank_scaling.full_row()
     out = write_results(results)
     print(json.dumps(results, indent=2))
     print(markdown_table(results))

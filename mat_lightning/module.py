@@ -26,7 +26,7 @@ from mat_lightning.defenses.base import Defense
 from mat_lightning.defenses.clean import Clean
 from mat_lightning.errors import ConfigError, NonFiniteError, non_finite_tensors
 from mat_lightning.eval.embeddings import EmbeddingBank
-from mat_lightning.eval.rerank import PixelBank, wants_rerank
+from mat_lightning.eval.rerank import ItmBank, wants_rerank
 from mat_lightning.eval.rerank import ranks as rerank_ranks
 from mat_lightning.eval.retrieval import recall_from_ranks
 from mat_lightning.models.encoder import VLEncoder
@@ -79,7 +79,7 @@ class MatModule(L.LightningModule):
                 tower.compile()
         self._freeze_untrained_towers()
         self._bank: EmbeddingBank | None = None
-        self._pixels: PixelBank | None = None
+        self._itm: ItmBank | None = None
 
     def _freeze_untrained_towers(self) -> None:
         """TeCoA and FARE train the vision tower only: everything else stops receiving gradients."""
@@ -201,9 +201,9 @@ class MatModule(L.LightningModule):
     def _eval_step(self, batch: RetrievalBatch) -> None:
         if self._bank is None:
             self._bank = EmbeddingBank()
-            self._pixels = PixelBank() if wants_rerank(self.encoder) else None  # fusion models re-rank
-        if self._pixels is not None:
-            self._pixels.add(batch.images, batch.image_ids, batch.captions, batch.txt2img)
+            self._itm = ItmBank(self.encoder) if wants_rerank(self.encoder) else None  # fusion models re-rank
+        if self._itm is not None:
+            self._itm.add(batch.images, batch.image_ids, batch.captions, batch.txt2img)
         with torch.no_grad():
             self._bank.add(
                 self.encoder.encode_image(batch.images),
@@ -216,8 +216,8 @@ class MatModule(L.LightningModule):
         if self._bank is None:
             return
         img, txt, txt2img, _ = self._bank.compute()
-        self._bank, pixels, self._pixels = None, self._pixels, None
-        metrics = recall_from_ranks(rerank_ranks(self.encoder, img, txt, txt2img, pixels), self.ks)
+        self._bank, itm, self._itm = None, self._itm, None
+        metrics = recall_from_ranks(rerank_ranks(self.encoder, img, txt, txt2img, itm), self.ks)
         # Every rank holds the same gathered embeddings, hence the same values; sync_dist (a mean of equal values)
         # only tells Lightning so, instead of a warning per metric under DDP.
         self.log_dict({f"{stage}/clean/{k}": v for k, v in metrics.items() if k != "r_mean"}, sync_dist=True)

@@ -67,23 +67,10 @@ def hf_clip_dir(tmp_path_factory, tiny_world) -> Path:
 
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory, tiny_world) -> Path:
-    from transformers import BlipConfig, BlipForImageTextRetrieval
+    from benchmarks.rerank_scaling import save_tiny_blip
 
     folder = tmp_path_factory.mktemp("blip")
-    tok = _bert_tokenizer(folder)
-    torch.manual_seed(0)
-    config = BlipConfig(
-        text_config=_tiny_tower(
-            vocab_size=len(tok),
-            encoder_hidden_size=32,
-            max_position_embeddings=40,
-            pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=_tiny_tower(image_size=32, patch_size=8),
-        image_text_hidden_size=16,
-    )
-    BlipForImageTextRetrieval(config).save_pretrained(folder)
-    return folder
+    return save_tiny_blip(folder, _bert_tokenizer(folder))
 
 
 def _train_and_evaluate(encoder, tmp_path) -> list[dict]:
@@ -162,6 +149,7 @@ def test_hf_clip_trains_one_mat_step_and_evaluates(hf_clip_dir, tmp_path):
 def test_blip_itc_embeddings_and_itm_rerank_match_the_hf_model(blip_dir):
     from transformers import BlipForImageTextRetrieval
 
+    from mat_lightning.eval.rerank import rerank
     from mat_lightning.models.hf import CLIP_MEAN, CLIP_STD, BlipRetrievalEncoder
 
     enc = BlipRetrievalEncoder(str(blip_dir), rerank_k=3).eval()
@@ -187,7 +175,7 @@ def test_blip_itc_embeddings_and_itm_rerank_match_the_hf_model(blip_dir):
             use_itm_head=False,
         )
         sim = img @ txt.T
-        i2t, t2i = enc.rerank(sim, images, captions)
+        i2t, t2i = rerank(enc, sim, dict(enumerate(enc.itm_image_states(images))), captions)
     torch.testing.assert_close(sim, itc.itm_score, atol=1e-5, rtol=1e-5)
     # an independent ITM score of pair (image 2, caption c) for c in image 2's ITC top-3
     top3 = sim[2].topk(3).indices
@@ -218,20 +206,22 @@ def test_rerank_changes_recall_only_through_the_top_k():
     from mat_lightning.eval import rerank
     from mat_lightning.eval.retrieval import recall_from_ranks, retrieval_ranks
 
-    class Reverser:
+    class Reverser:  # re-scores each query's top-2 by minus its ITC similarity: the pair's order flips
         rerank_k = 2
 
-        def rerank(self, sim, images, captions):
-            def rev(s):
-                top, idx = s.topk(2, dim=1)
-                return (s - 10).scatter(1, idx, top.flip(1))
+        def itm_image_states(self, images):
+            return images.flatten(1)
 
-            return rev(sim), rev(sim.T).T
+        def itm_scores(self, states, captions):
+            return torch.zeros(len(captions))
+
+        def rerank_score(self, itm, itc):
+            return itm - itc
 
     torch.manual_seed(0)
     img, txt = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(10, 8), dim=-1)
     txt2img = torch.arange(5).repeat_interleave(2)
-    bank = rerank.PixelBank()
+    bank = rerank.ItmBank(Reverser())
     bank.add(torch.rand(5, 3, 4, 4), torch.arange(5), [str(i) for i in range(10)], txt2img)
     plain = recall_from_ranks(retrieval_ranks(img @ txt.T, txt2img), ks=(1, 2, 5))
     reranked = recall_from_ranks(rerank.ranks(Reverser(), img, txt, txt2img, bank), ks=(1, 2, 5))
@@ -241,17 +231,17 @@ def test_rerank_changes_recall_only_through_the_top_k():
 
 
 def test_blip_trains_one_mat_step_and_evaluates_reranked(blip_dir, tmp_path, monkeypatch):
+    from mat_lightning.eval import rerank
     from mat_lightning.models.hf import BlipRetrievalEncoder
 
     enc = BlipRetrievalEncoder(str(blip_dir), rerank_k=4)
     calls = []
-    original = enc.rerank
-    monkeypatch.setattr(enc, "rerank", lambda *a: calls.append(a[1].shape) or original(*a))
+    original = rerank.rerank
+    monkeypatch.setattr(rerank, "rerank", lambda *a: calls.append((a[1].shape, len(a[2]))) or original(*a))
     rows = _train_and_evaluate(enc, tmp_path)
     assert [r["attack"] for r in rows] == ["clean", "pgd"]
-    assert calls and all(
-        shape == (8, 3, 32, 32) for shape in calls
-    )  # every split re-ranked with its 8 images
+    # the module's clean test epoch, then the callback's clean and PGD rows: each with the states of its 8 images
+    assert calls == [((8, 40), 8)] * 3
 
 
 # -- open_clip from disk ----------------------------------------------------------------------------------------------

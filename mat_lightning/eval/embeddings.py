@@ -24,18 +24,10 @@ class EmbeddingBank:
     def add(self, image_emb: Tensor, image_ids: Tensor, text_emb: Tensor, txt2img: Tensor) -> None:
         """One batch: image_emb float[B, D], image_ids long[B] (split indices), text_emb float[T, D], txt2img long[T]
         (row in this batch); captions of one image must appear in their original order."""
-        image_ids = image_ids.detach().cpu()
-        txt2img = txt2img.detach().cpu()
-        owner = image_ids[txt2img]
-        # position of each caption among its image's captions, in batch order
-        position = torch.zeros_like(owner)
-        for b in range(len(image_ids)):
-            sel = txt2img == b
-            position[sel] = torch.arange(int(sel.sum()))
         self.img.append(image_emb.detach().float().cpu())
-        self.img_ids.append(image_ids)
+        self.img_ids.append(image_ids.detach().cpu())
         self.txt.append(text_emb.detach().float().cpu())
-        self.txt_keys.append(torch.stack([owner, position], dim=1))
+        self.txt_keys.append(caption_keys(image_ids, txt2img))
 
     def compute(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(image_emb[n_img, D], text_emb[n_txt, D], txt2img[n_txt], image_ids[n_img])`` in split order.
@@ -57,16 +49,27 @@ class EmbeddingBank:
             keys = torch.cat([p[3] for p in parts])
         else:
             img, ids, txt, keys = local
-        uniq_ids, first = _first_occurrence(ids)
+        uniq_ids, first = first_occurrence(ids)
         img, ids = img[first], uniq_ids
         key_codes = keys[:, 0] * (int(keys[:, 1].max()) + 1 if len(keys) else 1) + keys[:, 1]
-        _, first_t = _first_occurrence(key_codes)
+        _, first_t = first_occurrence(key_codes)
         txt, keys = txt[first_t], keys[first_t]
         txt2img = torch.searchsorted(ids, keys[:, 0].contiguous())
         return img, txt, txt2img, ids
 
 
-def _first_occurrence(values: Tensor) -> tuple[Tensor, Tensor]:
+def caption_keys(image_ids: Tensor, txt2img: Tensor) -> Tensor:
+    """long[T, 2]: each caption's (image id, position among its image's captions in batch order)."""
+    image_ids, txt2img = image_ids.detach().cpu(), txt2img.detach().cpu()
+    owner = image_ids[txt2img]
+    position = torch.zeros_like(owner)
+    for b in range(len(image_ids)):
+        sel = txt2img == b
+        position[sel] = torch.arange(int(sel.sum()))
+    return torch.stack([owner, position], dim=1)
+
+
+def first_occurrence(values: Tensor) -> tuple[Tensor, Tensor]:
     """Sorted unique values and the index of the first occurrence of each."""
     uniq, inverse = torch.unique(values, sorted=True, return_inverse=True)
     order = torch.arange(len(values))

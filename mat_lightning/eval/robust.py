@@ -73,7 +73,7 @@ def _encode_split(
     export: Path | None = None,
 ) -> tuple[RetrievalRanks, float, Gallery]:
     bank = EmbeddingBank()
-    pixels = rerank.PixelBank() if rerank.wants_rerank(encoder) else None  # fusion models re-rank with pixels
+    itm = rerank.ItmBank(encoder) if rerank.wants_rerank(encoder) else None  # fusion models: ITM re-ranking
     t0 = time.perf_counter()
     exported: list[dict] = []
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -89,11 +89,11 @@ def _encode_split(
             bank.add(
                 encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img
             )
-        if pixels is not None:
-            pixels.add(images, batch.image_ids, captions, batch.txt2img)
+        if itm is not None:
+            itm.add(images, batch.image_ids, captions, batch.txt2img)
     img, txt, txt2img, ids = bank.compute()
     try:
-        ranks = rerank.ranks(encoder, img, txt, txt2img, pixels)  # fusion models: ITM re-ranking of the top-k
+        ranks = rerank.ranks(encoder, img, txt, txt2img, itm)  # fusion models: ITM re-ranking of the top-k
     except NonFiniteError as e:
         raise NonFiniteError(f"robust evaluation, {desc} split: {e}") from None
     seconds = time.perf_counter() - t0  # after the gather: the wall time of the whole split on all ranks

@@ -15,8 +15,8 @@ That is the whole contract for attacks and evaluation (DESIGN §4); a third-part
   parameters and switch to eval mode for their duration, then restore both; without them there is nothing to
   freeze and the encoder is used as it is. Training (``MatModule``) needs an ``nn.Module`` with
   ``vision_parameters()``/``text_parameters()``, i.e. a ``VLEncoder``.
-* ``rerank(sim, images, captions)``: fusion models (BLIP's ITM head) re-order each query's top-k of the
-  similarity matrix at evaluation (:func:`rerank_similarities`).
+* ``itm_image_states``, ``itm_scores``, ``rerank_score``, ``rerank_k``: fusion models (BLIP's ITM head) re-order
+  each query's top-k of the similarity matrix at evaluation (:mod:`mat_lightning.eval.rerank`).
 
 Normalisation with the model's mean/std happens *inside* ``encode_image`` (as RobustVLM's ``ClipVisionModel`` and
 TeCoA's ``clip_img_preprocessing`` do), so every epsilon is a budget in [0, 1] pixel space, as the papers state it.

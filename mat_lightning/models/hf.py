@@ -5,7 +5,8 @@
 * :class:`BlipRetrievalEncoder` — ``BlipForImageTextRetrieval`` (``Salesforce/blip-itm-base-coco``, ...): its ITC
   embeddings (``vision_proj``/``text_proj`` of the [CLS] states) for ``encode_image``/``encode_text``, which is what
   attacks and training use (the reference attacks do the same for ALBEF), and optionally the ITM re-ranking of each
-  query's top-k at evaluation, as BLIP's and ALBEF's retrieval evaluation does (k = 128 Flickr30K, 256 COCO).
+  query's top-k at evaluation, as BLIP's and ALBEF's retrieval evaluation does (k = 128 Flickr30K, 256 COCO); the
+  encoder scores pairs (``itm_image_states``, ``itm_scores``), :mod:`mat_lightning.eval.rerank` shards the work.
 
 Both take images in [0, 1]; resizing (bicubic, differentiable, only when the input is not ``image_size``) and the
 mean/std normalisation happen inside, so budgets stay in pixel space. A hub name requested while
@@ -84,9 +85,13 @@ class _HFEncoder(VLEncoder):
             ).clamp(0, 1)
         return (images - self.image_mean) / self.image_std
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+    def tokenize(self, texts: Sequence[str], pad_to_max_length: bool = False) -> dict[str, Tensor]:
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts),
+            padding="max_length" if pad_to_max_length else True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         return {
             k: v.to(self.image_mean.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")
@@ -204,61 +209,29 @@ class BlipRetrievalEncoder(_HFEncoder):
     def towers(self) -> list[nn.Module]:
         return [self.model.vision_model, self.model.text_encoder]
 
-    # -- ITM re-ranking -----------------------------------------------------------------------------------------------
+    # -- ITM re-ranking (driven by mat_lightning.eval.rerank) ---------------------------------------------------------
+
+    @torch.no_grad()
+    def itm_image_states(self, images: Tensor) -> Tensor:
+        """What ITM needs of each image: vision states float[B, N, C] (N = patches + 1), in the compute dtype."""
+        return self._vision_states(images)
 
     @torch.no_grad()
     def itm_scores(self, vision_states: Tensor, captions: Sequence[str]) -> Tensor:
-        """ITM logit of "match" for aligned pairs: vision_states float[P, N, C], P captions -> float[P]."""
-        tokens = self.tokenize(captions)
-        mask = torch.ones(vision_states.shape[:2], dtype=torch.long, device=vision_states.device)
-        states = self.model.text_encoder(
-            **tokens, encoder_hidden_states=vision_states, encoder_attention_mask=mask
-        ).last_hidden_state
-        return self.model.itm_head(states[:, 0])[:, 1].float()
+        """ITM logit of "match" for aligned pairs: vision_states [P, N, C], P captions -> float[P].
 
-    @torch.no_grad()
-    def rerank(self, sim: Tensor, images: Tensor, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """ITM re-ranking of each query's top-k (BLIP's evaluation).
-
-        Args:
-            sim: float[n_img, n_txt] ITC cosine similarities.
-            images: float[n_img, 3, H, W] in [0, 1], the (possibly adversarial) images of the split.
-            captions: the n_txt (possibly adversarial) captions.
-
-        Returns:
-            ``(i2t, t2i)``, both float[n_img, n_txt]: scores for text retrieval (rows = image queries) and image
-            retrieval (columns = caption queries). In each query's top ``rerank_k`` the score is
-            ``itm + itc``; every other entry keeps its ITC order, below all re-ranked ones.
+        Captions are padded to ``max_length``, as BLIP's evaluation does, so a pair's score does not depend on the
+        other pairs of its batch (nor, then, on how many processes share the re-ranking).
         """
-        device = self.image_mean.device
-        sim = sim.float().to(device)
-        states = torch.cat(
-            [self._vision_states(images[i : i + 64].to(device)) for i in range(0, len(images), 64)]
-        )
-        i2t = self._rerank_rows(sim, states, captions, image_major=True)
-        t2i = self._rerank_rows(sim.T.contiguous(), states, captions, image_major=False).T
-        return i2t.cpu(), t2i.cpu()
+        tokens = self.tokenize(captions, pad_to_max_length=True)
+        states = vision_states.to(self.image_mean.device, next(self.model.itm_head.parameters()).dtype)
+        mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        out = self.model.text_encoder(
+            **tokens, encoder_hidden_states=states, encoder_attention_mask=mask
+        ).last_hidden_state
+        return self.model.itm_head(out[:, 0])[:, 1].float()
 
-    def _rerank_rows(
-        self, scores: Tensor, states: Tensor, captions: Sequence[str], image_major: bool
-    ) -> Tensor:
-        """Re-rank the top-k of every row of ``scores`` (rows are images if ``image_major``, else captions)."""
-        k = min(self.rerank_k, scores.shape[1])
-        top_sim, top_idx = scores.topk(k, dim=1)
-        rows = torch.arange(scores.shape[0], device=scores.device).repeat_interleave(k)
-        cols = top_idx.reshape(-1)
-        img_idx, txt_idx = (rows, cols) if image_major else (cols, rows)
-        itm = torch.cat(
-            [
-                self.itm_scores(
-                    states[img_idx[i : i + self.itm_batch_size]],
-                    [captions[j] for j in txt_idx[i : i + self.itm_batch_size].tolist()],
-                )
-                for i in range(0, len(rows), self.itm_batch_size)
-            ]
-        ).view(-1, k)
-        new_top = itm + top_sim
-        # outside the top-k: ITC order kept, shifted below the row's lowest re-ranked score
-        shift = scores.max(dim=1, keepdim=True).values - new_top.min(dim=1, keepdim=True).values + 1
-        out = scores - shift
-        return out.scatter(1, top_idx, new_top)
+    @staticmethod
+    def rerank_score(itm: Tensor, itc: Tensor) -> Tensor:
+        """A re-ranked entry: ITM logit + ITC similarity, as BLIP's evaluation."""
+        return itm + itc
