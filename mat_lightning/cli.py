@@ -562,6 +562,15 @@ def _main(argv: list[str], from_command_line: bool) -> None:
 
         data_check(argv[2:], resolve=resolve_config)
         return
+    if argv[:1] == ["transfer"]:
+        from mat_lightning.eval.transfer import run as transfer
+
+        # each target runs as its own `mat robust-eval` (from the command line: sys.argv becomes it, so that
+        # DDP's launcher re-executes that evaluation, not the whole transfer)
+        folder = transfer(argv[1:], evaluate=lambda args: _main(args, from_command_line))
+        print((folder / "transfer.md").read_text(), end="")
+        print(f"transfer folder: {folder}", file=sys.stderr)
+        return
     if argv[:1] == ["augment"]:
         from mat_lightning.data.augment.generate import main as augment
 

@@ -27,6 +27,7 @@ COMMANDS = {
     "data": "data check: read every split, decode every image, list problems",
     "report": "a paper-style table across runs (only comparable runs averaged)",
     "augment": "write MAT+ 1:N augmentation files (rewrite | i2t), local model",
+    "transfer": "evaluate target models on adversarial sets exported elsewhere",
 }
 
 HELP = (
@@ -104,6 +105,11 @@ SHORT_HELP = {
     "augment": "usage: mat augment rewrite|i2t --model <local HF model> --annotations FILE --out FILE\n\n"
     + COMMANDS["augment"]
     + ".\nDetails: mat augment --help\n",
+    "transfer": "usage: mat transfer --sets DIR --target CONFIG[@CKPT] [--target ...]\n"
+    "                    [--run_root DIR] [-- <options for every target>]\n\n"
+    + COMMANDS["transfer"]
+    + "\n(mat robust-eval --export DIR writes them): rows = source sets, columns = targets,\nR@1 flip rate and recall.\n"
+    "Details: mat transfer --help\n",
 }
 
 # -- mat eval -----------------------------------------------------------------------------------------------------------

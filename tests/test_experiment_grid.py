@@ -14,9 +14,16 @@ from mat_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAY = REPO / "conf" / "overlay" / "tiny.yaml"
+ALBEF_OVERLAY = REPO / "conf" / "overlay" / "tiny_albef.yaml"  # a tiny ALBEF for the ALBEF/TCL files
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 DEFENSES = ("clean", "image_at", "tecoa", "fare", "text_at", "mmcoa", "mat", "mat_1n")
 TARGETS = {"flickr30k": ("81.5", "62.1"), "coco": ("52.4", "33.0")}
+
+
+def _overlays(path: Path) -> list[str]:
+    """The tiny overlay, plus the tiny ALBEF for the fusion-model files (built from the same class)."""
+    fusion = "_albef_" in path.stem or "_tcl_" in path.stem
+    return ["--config", str(OVERLAY), *(["--config", str(ALBEF_OVERLAY)] if fusion else [])]
 
 
 def _subcommand(path: Path) -> str:
@@ -33,6 +40,13 @@ def test_the_paper_grid_is_complete_and_documented():
         for target in TARGETS[data]:
             assert target in zeroshot.split("\nexperiment:")[0]  # in the header
     assert "flickr30k_blip_zeroshot" in names
+    for data in TARGETS:
+        for defense in (*DEFENSES, "zeroshot"):
+            assert f"{data}_albef_{defense}" in names
+        assert f"{data}_tcl_zeroshot" in names
+    for data, (tr1, ir1) in {"flickr30k": ("95.9", "85.5"), "coco": ("77.6", "60.7")}.items():
+        header = (REPO / "experiments" / f"{data}_albef_zeroshot.yaml").read_text().split("\nexperiment:")[0]
+        assert tr1 in header and ir1 in header  # SGA's clean ALBEF figures: the sanity targets
     for path in EXPERIMENTS:
         header = path.read_text().split("\nexperiment:")[0]
         for field in ("Hypothesis:", "Command:", "Budget:", "Provenance:"):
@@ -60,7 +74,10 @@ def test_paper_grid_settings_are_the_references(capsys):
 
 
 # Building one file costs seconds (the CLI's parser); the fast suite builds one of each kind, the slow test runs all.
-BUILD_FAST = [REPO / "experiments" / f"{n}.yaml" for n in ("coco_clip_b16_mat_1n", "flickr30k_blip_zeroshot")]
+BUILD_FAST = [
+    REPO / "experiments" / f"{n}.yaml"
+    for n in ("coco_clip_b16_mat_1n", "flickr30k_blip_zeroshot", "flickr30k_albef_mat")
+]
 
 
 @pytest.mark.parametrize("experiment", BUILD_FAST, ids=lambda p: p.stem)
@@ -78,13 +95,13 @@ def test_experiments_build_through_the_tiny_overlay(experiment, tmp_path, tiny_c
             _subcommand(experiment),
             "--config",
             str(experiment),
-            "--config",
-            str(OVERLAY),
+            *_overlays(experiment),
             "--run_root",
             str(tmp_path),
         ]
     )
-    assert type(built["model"].encoder).__name__ == "OpenClipEncoder"
+    fusion = "_albef_" in experiment.stem
+    assert type(built["model"].encoder).__name__ == ("AlbefRetrievalEncoder" if fusion else "OpenClipEncoder")
     assert built["datamodule"].world == "tiny"
 
 
@@ -96,8 +113,7 @@ def test_every_experiment_runs_two_steps_through_the_tiny_overlay(experiment, tm
             _subcommand(experiment),
             "--config",
             str(experiment),
-            "--config",
-            str(OVERLAY),
+            *_overlays(experiment),
             "--run_root",
             str(tmp_path),
         ]

@@ -116,6 +116,19 @@ def _write_export_index(folder: Path, entries: list[dict]) -> None:
         atomic_write(folder / "captions.json", json.dumps(entries, indent=1))
 
 
+def _write_set_manifest(folder: Path, attack: Attack) -> None:
+    """``set.json`` of an exported set: the attack that made it (what ``Transferred`` rows report), rank 0."""
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    manifest = {
+        "attack": attack.name,
+        "eps_255": attack.eps_255,
+        "modality": attack.modality,
+        "settings": attack_config(attack),
+    }
+    atomic_write(folder / "set.json", json.dumps(manifest, indent=1))
+
+
 def _export_batch(
     folder: Path, batch: RetrievalBatch, images: torch.Tensor, captions: list[str]
 ) -> list[dict]:
@@ -253,6 +266,8 @@ def _robust_rows(
             variant = variant.clone().with_gallery(gallery)  # the clean split: split_contrastive's negatives
             variant.prepare(device)  # load models (the MLM) outside the timed loop
             ranks, seconds, _ = _encode_split(encoder, loader, variant, device, tag, progress, export)
+            if export is not None:
+                _write_set_manifest(export, variant)
             rows.append(
                 {
                     "attack": variant.name,
@@ -395,6 +410,13 @@ class RobustRetrievalEval(L.Callback):
                     # every rank holds the same gathered rows: the mean over ranks is the value itself
                     pl_module.log(f"test/{name}/{key}", float(value), sync_dist=True)
         self._write(trainer, pl_module, self.rows, complete=True)
+        if self.export_dir is not None and trainer.is_global_zero:
+            # who crafted the exported sets: the rows of `mat transfer` name their source from it
+            payload = self.payload(trainer, pl_module, self.rows, True)
+            source = {
+                k: payload[k] for k in ("experiment", "model", "dataset", "split", "n_images", "weights")
+            }
+            atomic_write(Path(self.export_dir) / "source.json", json.dumps(source, indent=1))
         from mat_lightning.logging import log_robust_results, wandb_loggers
 
         if trainer.is_global_zero and wandb_loggers(trainer):
