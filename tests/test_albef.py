@@ -150,3 +150,34 @@ def test_pixels_resize_inside_and_training_reaches_only_the_itc_path(tmp_path):
     assert all(p.grad is None for p in [*fusion.parameters(), *enc.itm_head.parameters()])
     assert enc.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
     assert enc.text_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_itm_reranking_ranks_as_albefs_evaluation(tmp_path, k):
+    """Ranks after re-ranking equal those of ALBEF's ``Retrieval.py::evaluation`` score matrices rebuilt from the
+    fixture's outputs of their code: in each query's ITC top-k the score is the ITM logit alone (BLIP would add the
+    ITC similarity), every other entry -100. Beyond the top-k ALBEF's ranks are ties at -100 where ours keep the ITC
+    order (documented), so ranks are compared up to k: every recall@K with K <= k is the same.
+    Image 0 owns captions 0-1, image 1 captions 2-3, image 2 4-5."""
+    from mat_lightning.eval.rerank import ItmBank, ranks
+    from mat_lightning.eval.retrieval import retrieval_ranks
+
+    ref, ckpt = reference("albef", tmp_path)
+    enc = tiny_encoder(ref, ckpt, rerank_k=k)
+    txt2img = torch.tensor([0, 0, 1, 1, 2, 2])
+    sim = ref["image_itc"] @ ref["text_itc"].T
+    i2t = torch.full_like(sim, -100.0)
+    for i in range(sim.shape[0]):
+        top = sim[i].topk(k).indices
+        i2t[i, top] = ref["itm"][i, top]
+    t2i = torch.full_like(sim.T, -100.0)
+    for t in range(sim.shape[1]):
+        top = sim[:, t].topk(min(k, sim.shape[0])).indices
+        t2i[t, top] = ref["itm"][top, t]
+    expected_tr = retrieval_ranks(i2t, txt2img).tr
+    expected_ir = retrieval_ranks(t2i.T.contiguous(), txt2img).ir
+    bank = ItmBank(enc)
+    bank.add(ref["images"], torch.arange(3), ref["captions"], txt2img)
+    got = ranks(enc, ref["image_itc"], ref["text_itc"], txt2img, bank)
+    assert got.tr.clamp(max=k).tolist() == expected_tr.clamp(max=k).tolist()
+    assert got.ir.clamp(max=k).tolist() == expected_ir.clamp(max=k).tolist()

@@ -146,8 +146,6 @@ class AlbefRetrievalEncoder(VLEncoder):
         temp: ITC temperature of random weights (a checkpoint brings its own).
     """
 
-    itm_adds_itc = False  # ALBEF/TCL rank the top-k by the ITM logit alone
-
     def __init__(
         self,
         checkpoint: str | None = None,
@@ -237,12 +235,13 @@ class AlbefRetrievalEncoder(VLEncoder):
             ).clamp(0, 1)
         return (images - self.image_mean) / self.image_std
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """``[CLS] X`` (no [SEP]), truncated to ``max_length``, padded to the longest: (ids, mask), long[T, L]."""
+    def tokenize(self, texts: Sequence[str], pad_to_max_length: bool = False) -> tuple[Tensor, Tensor]:
+        """``[CLS] X`` (no [SEP]), truncated to ``max_length``, padded to the longest (or to ``max_length``, as
+        ALBEF's evaluation pads): (ids, mask), both long[T, L]."""
         pieces = self.tokenizer(
             list(texts), add_special_tokens=False, truncation=True, max_length=self.max_length - 1
         )["input_ids"]
-        length = 1 + max((len(p) for p in pieces), default=0)
+        length = self.max_length if pad_to_max_length else 1 + max((len(p) for p in pieces), default=0)
         ids = torch.full((len(pieces), length), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(pieces), length), dtype=torch.long)
         for row, p in enumerate(pieces):
@@ -279,14 +278,29 @@ class AlbefRetrievalEncoder(VLEncoder):
     def towers(self) -> list[nn.Module]:
         return [self.visual_encoder, self.text_encoder]
 
-    # -- ITM ----------------------------------------------------------------------------------------------------------
+    # -- ITM re-ranking (driven by mat_lightning.eval.rerank) ---------------------------------------------------------
+
+    @torch.no_grad()
+    def itm_image_states(self, images: Tensor) -> Tensor:
+        """What ITM needs of each image: its tokens float[B, 1 + patches, width], in the compute dtype."""
+        return self.vision_states(images)
 
     @torch.no_grad()
     def itm_scores(self, vision_states: Tensor, captions: Sequence[str]) -> Tensor:
-        """ITM logit of "match" for aligned pairs: vision_states float[P, N, C], P captions -> float[P]."""
-        ids, mask = self.tokenize(captions)
-        fused = self.text_encoder.fusion(self.text_encoder.text(ids, mask), mask, vision_states)
+        """ITM logit of "match" for aligned pairs: vision_states float[P, N, C], P captions -> float[P].
+
+        Captions are padded to ``max_length`` (ALBEF's evaluation does), so a pair's score does not depend on the
+        other pairs of its batch, nor on how many processes share the re-ranking.
+        """
+        ids, mask = self.tokenize(captions, pad_to_max_length=True)
+        states = vision_states.to(self.image_mean.device, self.itm_head.weight.dtype)
+        fused = self.text_encoder.fusion(self.text_encoder.text(ids, mask), mask, states)
         return self.itm_head(fused[:, 0])[:, 1].float()
+
+    @staticmethod
+    def rerank_score(itm: Tensor, itc: Tensor) -> Tensor:
+        """A re-ranked entry: the ITM logit alone (ALBEF's and TCL's ``Retrieval.py``; BLIP adds the ITC)."""
+        return itm
 
 
 def load_albef_state(path: str, model: nn.Module) -> dict[str, Tensor]:
