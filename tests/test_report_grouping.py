@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mat_lightning.eval import provenance
-from mat_lightning.eval.table import GROUP_FIELDS
+from mat_lightning.eval.table import GROUP_FIELDS, find_results
 from mat_lightning.main import main
 
 #: A config as the CLI records it (flattened settings), before the seed and the run folder are taken out.
@@ -86,10 +86,11 @@ def report(capsys, *paths, extra=()) -> tuple[dict[str, list[str]], str]:
 def test_make_seeds_after_earlier_seed0_runs_gives_n2_of_the_two_seeds(tmp_path, capsys):
     """Issue 21's sequence: earlier seed-0 runs, then `make seeds SEEDS="0 1"`: n = 2, the newest seed-0 run and
     the seed-1 run. Bugs caught: averaging every run (n = 5: 64.8 ± 1.1), keeping the oldest run of a seed
-    (66.0, 70.0 -> 68.0 ± 2.8), not saying which runs were skipped."""
+    (65.0, 66.0 -> 65.5 ± 0.7), the last by folder name, not saying which runs were skipped."""
     for i, tr1 in enumerate((65.0, 64.0, 66.0)):  # earlier runs of the same experiment, seed 0
         write(tmp_path / f"old{i}", 0, tr1, time=f"2026-12-05T07:0{i}:00.000000Z")
-    write(tmp_path / "s0", 0, 63.0, time="2026-12-05T08:00:00.000000Z")
+    # the newest seed-0 run sorts first by path: newest means by the time it was written, not by folder name
+    write(tmp_path / "a_s0", 0, 63.0, time="2026-12-05T08:00:00.000000Z")
     write(tmp_path / "s1", 1, 66.0, time="2026-12-05T08:05:00.000000Z")
     rows, err = report(capsys, tmp_path)
     # seeds 63.0 and 66.0: mean 64.5, std 3/sqrt(2) = 2.12; PGD 33.0 and 36.0
@@ -120,6 +121,8 @@ def test_the_same_file_never_counts_twice(tmp_path, capsys):
     bug: n = 2 with std 0.0)."""
     f = write(tmp_path / "runs" / "a", 0, 60.0)
     (tmp_path / "link").symlink_to(tmp_path / "runs" / "a")
+    # the file list itself, not only the one-run-per-seed rule behind it
+    assert find_results([f, f, tmp_path / "runs", tmp_path / "link" / "results.json"]) == [f]
     for paths in ((f, f), (tmp_path / "runs", f), (tmp_path / "runs", tmp_path / "link" / "results.json")):
         rows, _ = report(capsys, *paths)
         assert rows == {"smoke": ["1", "0", "100", "60.0", "30.0"]}
@@ -128,11 +131,11 @@ def test_the_same_file_never_counts_twice(tmp_path, capsys):
 def test_two_runs_of_one_seed_are_one_replicate_the_newest(tmp_path, capsys):
     """Issue 23: a concurrent pair (`make seeds SEEDS="0 0"`) or a re-run of one seed is n = 1, the newer run,
     not n = 2 ± 0.0 (or the mean of both, 61.0 ± 1.4)."""
-    write(tmp_path / "first", 0, 60.0, time="2026-12-05T08:00:00.000000Z")
-    write(tmp_path / "second", 0, 62.0, time="2026-12-05T08:00:01.000000Z")
+    write(tmp_path / "z_first", 0, 60.0, time="2026-12-05T08:00:00.000000Z")
+    write(tmp_path / "a_rerun", 0, 62.0, time="2026-12-05T08:00:01.000000Z")
     rows, err = report(capsys, tmp_path)
     assert rows == {"smoke": ["1", "0", "100", "62.0", "32.0"]}
-    assert f"{tmp_path / 'first' / 'results.json'} (seed 0)" in err
+    assert f"{tmp_path / 'z_first' / 'results.json'} (seed 0)" in err
 
 
 def test_a_killed_run_never_counts(tmp_path, capsys):
