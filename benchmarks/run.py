@@ -296,6 +296,7 @@ def bench_mat_step(encoder, images, captions, mlm: str, reps: int) -> dict:
         },
         "text_attack_units": round(t["text_attack"] / unit, 2),
         "texts_encoded": len(calls["texts"]),
+        "mlm_topk_passes": len(calls["mlm"]),  # one per chunk of captions: the attack is batched
         "mat_step_ratio": round(t["mat"] / floor, 2),
     }
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mat_lightning.attacks as A
 from mat_lightning.attacks.bert_attack import BertAttack
@@ -150,10 +151,22 @@ def test_multimodal_at_least_as_strong_as_its_unimodal_parts(tiny_encoder, data)
 
 
 def test_pgd_cross_entropy_equals_torchattacks(tiny_encoder, data):
+    """Our PGD with the cross-entropy objective against torchattacks' PGD on a classifier built here: one class per
+    image, its weight the normalised mean of the image's 5 caption embeddings, logits scaled by the model's
+    temperature, labels 0..15 (not our ``caption_prototypes``/guidance).
+
+    Bugs caught: prototypes of the wrong captions (misaligned txt2img) or unnormalised, the temperature left out,
+    a step that is not sign(grad), projection in the wrong order, another random start.
+    """
     torchattacks = pytest.importorskip("torchattacks")
     x, captions, txt2img = data
     ours = A.PGD(eps_255=4, steps=7, step_255=1, objective="cross_entropy", seed=11)
-    g = ours.guidance(tiny_encoder.eval(), x, captions, txt2img)
+    tiny_encoder.eval()
+    with torch.no_grad():
+        text = tiny_encoder.encode_text(captions)
+        class_emb = torch.stack([F.normalize(text[5 * i : 5 * i + 5].mean(0), dim=0) for i in range(16)])
+    labels = torch.arange(16)
+    scale = tiny_encoder.logit_scale.detach()
 
     class Classifier(torch.nn.Module):
         def __init__(self):
@@ -161,12 +174,10 @@ def test_pgd_cross_entropy_equals_torchattacks(tiny_encoder, data):
             self.encoder = tiny_encoder
 
         def forward(self, images):
-            return g.logit_scale * self.encoder.encode_image(images) @ g.class_emb.T
+            return scale * self.encoder.encode_image(images) @ class_emb.T
 
     torch.manual_seed(11)  # torchattacks draws its random start from the global generator
-    theirs = torchattacks.PGD(Classifier(), eps=4 / 255, alpha=1 / 255, steps=7, random_start=True)(
-        x, g.labels
-    )
+    theirs = torchattacks.PGD(Classifier(), eps=4 / 255, alpha=1 / 255, steps=7, random_start=True)(x, labels)
     mine = ours(tiny_encoder, x, captions, txt2img).images
     torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=0)
 

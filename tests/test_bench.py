@@ -22,10 +22,24 @@ def tiny():
 
 
 def test_bench_mat_step_runs(tiny):
+    """The MAT-step row is made of what it says: the floor is the sum of its parts, the ratio is the MAT step over
+    the floor, and the replayed work is what the batched attack did (one MLM top-k pass for the 6 captions; every
+    caption, and at least one [UNK] variant per caption, encoded).
+
+    Bugs caught: a part left out of the floor (or counted twice), the ratio taken against the clean step, the
+    recorder missing the attack's calls (the floor then replays nothing), a text attack that runs the MLM per
+    caption. No timing is asserted.
+    """
     encoder, images, captions = tiny
     out = bench_mat_step(encoder, images, captions, str(ensure_mlm("default")), reps=1)
-    assert out["batch"] == 6 and out["texts_encoded"] > 6
-    assert out["floor_units"] > 1 and out["mat_step_ratio"] > 0
+    assert out["batch"] == 6
+    assert out["floor_units"] == pytest.approx(sum(out["floor_parts_units"].values()), abs=0.03)
+    assert out["floor_parts_units"]["clean_step"] == 1.0
+    assert out["mat_step_ratio"] == pytest.approx(
+        out["mat_step_units"] / out["floor_units"], rel=0.02, abs=0.01
+    )
+    assert out["mlm_topk_passes"] == 1
+    assert out["texts_encoded"] >= 6 + 6
 
 
 def test_bench_textattack_runs(tiny):

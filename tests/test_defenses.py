@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mat_lightning.attacks import PGD, BertAttack
 from mat_lightning.data.datamodule import RetrievalDataModule
@@ -73,24 +72,52 @@ def test_defense_trains_the_right_towers(name, tiny_encoder):
         assert not defense.reference.training
 
 
-def test_mmcoa_loss_equals_hand_computation(tiny_encoder):
-    batch = batch_of(k=1, n=6)
-    defense = MMCoA(bert(objective="embedding_kl"), pgd(), lambda_text=0.7, lambda_image=1.3)
-    out = defense(tiny_encoder, batch)
-    # the same adversarial examples from identically seeded attacks
-    adv_text = bert(objective="embedding_kl")(
-        tiny_encoder, batch.images, batch.captions, batch.txt2img
-    ).captions
-    adv_img = pgd()(tiny_encoder, batch.images, batch.captions, batch.txt2img, **batch_keys(batch)).images
-    scale = tiny_encoder.logit_scale
-    labels = torch.arange(6)
+class FixedAdversary:
+    """An attack that returns hand-made adversarial inputs (images and/or captions), whatever it is given."""
 
-    def clip(img, txt):
-        logits = scale * tiny_encoder.encode_image(img) @ tiny_encoder.encode_text(txt).T
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    def __init__(self, images=None, captions=None):
+        self.images, self.captions = images, captions
+
+    def __call__(self, encoder, images, captions, txt2img, **keys):
+        from mat_lightning.attacks.base import AttackResult
+
+        return AttackResult(
+            self.images if self.images is not None else images,
+            self.captions if self.captions is not None else captions,
+        )
+
+
+def test_mmcoa_loss_equals_hand_computation(tiny_encoder):
+    """λ_t·CLIP(clean image, adversarial text) + λ_i·CLIP(adversarial image, clean text) on fixed hand-made
+    adversarial inputs, against the CLIP loss written out (log-sum-exp per row and per column).
+
+    Bugs caught: the terms paired as MAT's (adversarial image with adversarial text), the weights swapped, one
+    direction of the CLIP loss dropped, the logit scale left out.
+    """
+    batch = batch_of(k=1, n=6)
+    g = torch.Generator().manual_seed(3)
+    adv_img = (batch.images + (2 / 255) * torch.randint(-1, 2, batch.images.shape, generator=g)).clamp(0, 1)
+    swaps = {"a ": "one ", "left": "right", "above": "below"}
+    adv_text = []
+    for caption in batch.captions:  # one word changed by hand
+        old = next(w for w in swaps if w in caption + " ")
+        adv_text.append((caption + " ").replace(old, swaps[old], 1).strip())
+    assert adv_text != batch.captions
+    defense = MMCoA(FixedAdversary(captions=adv_text), FixedAdversary(images=adv_img), 0.7, 1.3)
+    out = defense(tiny_encoder, batch)
+
+    def clip(images, captions):
+        img, txt = tiny_encoder.encode_image(images), tiny_encoder.encode_text(captions)
+        logits = tiny_encoder.logit_scale * img @ txt.T
+        n = len(captions)
+        i2t = sum(logits[i].logsumexp(0) - logits[i, i] for i in range(n)) / n
+        t2i = sum(logits[:, j].logsumexp(0) - logits[j, j] for j in range(n)) / n
+        return (i2t + t2i) / 2
 
     expected = 0.7 * clip(batch.images, adv_text) + 1.3 * clip(adv_img, batch.captions)
     torch.testing.assert_close(out.loss, expected)
+    # ... and not MAT's pairing, which a buggy MMCoA would compute
+    assert not torch.allclose(out.loss, 0.7 * clip(adv_img, adv_text) + 1.3 * clip(adv_img, batch.captions))
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_encoder.vision_parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_encoder.text_parameters())

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from references import split_recall
 
 from mat_lightning.attacks import PGD, SGA, BertAttack, CoAttack, SepAttack
 from mat_lightning.errors import ConfigError
@@ -136,11 +137,25 @@ def test_hf_clip_loads_from_folder_and_matches_the_model(hf_clip_dir):
     torch.testing.assert_close(enc.logit_scale, ref.logit_scale.exp())
 
 
-def test_hf_clip_trains_one_mat_step_and_evaluates(hf_clip_dir, tmp_path):
+def test_hf_clip_trains_one_mat_step_and_evaluates(hf_clip_dir, tmp_path, tiny_test_split):
+    """One MAT step moves both towers of an HF CLIP (MAT trains both), and the clean row is the trained model's
+    recall on the 8 test images, computed by explicit loops.
+
+    Bugs caught: a tower frozen by mistake (the old check, "some weight changed", passed with one), the evaluation
+    run on the weights before the step or on images normalised twice (HF encoder + processor).
+    """
     from mat_lightning.models.hf import HFClipEncoder
 
-    rows = _train_and_evaluate(HFClipEncoder(str(hf_clip_dir)), tmp_path)
+    encoder = HFClipEncoder(str(hf_clip_dir))
+    vision = [p.detach().clone() for p in encoder.vision_parameters()]
+    text = [p.detach().clone() for p in encoder.text_parameters()]
+    rows = _train_and_evaluate(encoder, tmp_path)
     assert [r["attack"] for r in rows] == ["clean", "pgd"]
+    assert any(not torch.equal(a, b) for a, b in zip(vision, encoder.vision_parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(text, encoder.text_parameters(), strict=True))
+    images, captions = tiny_test_split
+    expected = split_recall(encoder.eval(), images[:8], captions[:8])
+    assert {k: rows[0][k] for k in expected} == pytest.approx(expected)
 
 
 # -- BLIP -------------------------------------------------------------------------------------------------------------
