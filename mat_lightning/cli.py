@@ -60,7 +60,7 @@ from mat_lightning.faults import (
     interruption_message,
     resolve_last_checkpoint,
 )
-from mat_lightning.logging import SaveConfigToWandb
+from mat_lightning.logging import SaveConfigToWandb, ensure_wandb_dirs
 from mat_lightning.models.encoder import LOCAL_MODELS
 from mat_lightning.module import NOT_A_MAT_CHECKPOINT, MatModule
 from mat_lightning.options import CLI_OPTIONS
@@ -135,6 +135,12 @@ class MatCLI(LightningCLI):
             if cfg.get("ckpt_path") == "last":
                 cfg.ckpt_path = resolve_last_checkpoint(cfg.run_root, cfg.experiment)
                 rank_zero_info(f"--ckpt_path=last: {cfg.ckpt_path}")
+            if cfg.get("ckpt_path") == "best" and self.config.subcommand != "fit":
+                raise ConfigError(
+                    f"--ckpt_path=best means the best checkpoint of a fit in the same command; `mat "
+                    f"{self.alias or self.config.subcommand}` has none: give the checkpoint file "
+                    "(<run>/checkpoints/epoch*.ckpt) or --ckpt_path=last (the latest run of --experiment)"
+                )
             if cfg.get("ckpt_path") not in (None, "best", "hpc", "registry"):
                 check_checkpoint(cfg.ckpt_path)
         super()._parse_ckpt_path()
@@ -154,6 +160,7 @@ class MatCLI(LightningCLI):
             args = lg.init_args
             args.save_dir = run_dir
             if lg.class_path.endswith("WandbLogger"):
+                ensure_wandb_dirs(run_dir)
                 args.group = args.get("group") or cfg.experiment
                 args.job_type = args.get("job_type") or self.subcommand
                 args.name = args.get("name") or f"{cfg.experiment}/{Path(run_dir).name}"
@@ -284,6 +291,12 @@ def load_user_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         kind = type(ckpt).__name__ if not isinstance(ckpt, dict) else "dict without 'state_dict'"
         raise ConfigError(f"--ckpt_path {path} holds a {kind}: it {NOT_A_MAT_CHECKPOINT}")
+    for key, value in ckpt["state_dict"].items():
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(
+                f"--ckpt_path {path}: state_dict[{key!r}] is a {type(value).__name__}, not a tensor; the file is "
+                "damaged or not a checkpoint of this package"
+            )
     return ckpt
 
 
@@ -316,7 +329,8 @@ def _starting_weights(cfg) -> str:
 def check_checkpoint_fits(model, path: str) -> None:
     """The checkpoint's encoder weights have the configured encoder's names and shapes (before Lightning loads it),
     all finite."""
-    theirs = {k: v for k, v in load_user_checkpoint(path)["state_dict"].items() if k.startswith("encoder.")}
+    ckpt = load_user_checkpoint(path)
+    theirs = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
     ours = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
     missing = [k for k in ours if k not in theirs]
     unexpected = [k for k in theirs if k not in ours]
@@ -340,6 +354,12 @@ def check_checkpoint_fits(model, path: str) -> None:
             "encoder; check --model.encoder (model_name) or the --config it was trained with"
         )
     check_finite_weights(theirs.items(), f"--ckpt_path {path}")
+    if "pytorch-lightning_version" not in ckpt:
+        raise ConfigError(
+            f"--ckpt_path {path} holds a state_dict but was not written by a Lightning Trainer (no "
+            "'pytorch-lightning_version' key), so Lightning cannot restore it: give a checkpoint of mat fit "
+            "(<run>/checkpoints/*.ckpt), or save yours with trainer.save_checkpoint"
+        )
 
 
 # made by this process: removed again if the run fails before it saves anything
@@ -492,8 +512,42 @@ def user_error(e: BaseException) -> BaseException | None:
         seen.add(id(e))
         if isinstance(e, MatError | MisconfigurationException):
             return e
+        if type(e).__module__.startswith(
+            "omegaconf"
+        ):  # parser_mode omegaconf: a ${...} that does not resolve
+            where = getattr(e, "full_key", None)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return ConfigError(
+                f"a ${{...}} interpolation in the config cannot be resolved{f' at {where}' if where else ''}: "
+                f"{first}. Fix it in the --config file or the option that sets it"
+            )
         e = e.__cause__ or e.__context__
     return None
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Every ``--config FILE`` is a readable text file: jsonargparse reads it with a traceback otherwise (a binary
+    file, a folder)."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise ConfigError(f"--config {value} is a folder: give a YAML file (experiments/*.yaml)")
+        if not path.is_file():
+            continue  # jsonargparse's own message names it
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"--config {value} is not a text file (not UTF-8): give a YAML config such as experiments/smoke.yaml"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"--config {value} cannot be read ({e.strerror or e})") from None
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -557,6 +611,7 @@ def _main(argv: list[str], from_command_line: bool) -> None:
     argv = front_door(argv)  # help, report, eval -> test
     if argv is None:
         return
+    check_config_files(argv)
     if argv[:2] == ["data", "check"]:
         from mat_lightning.data.check import main as data_check
 

@@ -24,6 +24,10 @@ class NonFiniteError(MatError, ArithmeticError):
     """
 
 
+class WriteError(MatError, OSError):
+    """A file could not be written (a full disk, no permission); the file was left as it was."""
+
+
 def is_synthetic_name(value: object) -> bool:
     """Whether ``value`` is a synthetic-world name (``synthetic``, ``synthetic:<...>``) rather than a path or hub
     name. Only the ``mat`` CLI turns these into paths (:func:`mat_lightning.synthetic.resolve_config`)."""
@@ -66,3 +70,25 @@ def non_finite_weights_message(what: str, bad: list[str], total: int) -> str:
         f"{what} holds non-finite weights: {len(bad)} of {total} weight tensors contain NaN or inf (e.g. {bad[0]}); "
         "a diverged training run? A non-finite model has no recall to report"
     )
+
+
+def check_eps_255(values: object, option: str) -> list[float]:
+    """Image budgets in 1/255 units that the user gave under ``option`` (a flag such as ``--eps`` or a config key
+    such as ``robust_eval.eps_255_grid``), as floats: one number or a list, each finite and > 0.
+
+    An ε of 0 attacks nothing (its row would be clean recall labelled as an attack); inf or NaN is no budget.
+    """
+    items = values if isinstance(values, list | tuple) else [values]
+    out = []
+    for v in items:
+        try:
+            e = float(v)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            e = float("nan")
+        if not (e > 0 and e != float("inf")):
+            raise ConfigError(
+                f"{option}={values}: every ε (in 1/255) must be a finite number > 0, e.g. 2 "
+                f"({v} {'attacks nothing' if e == 0 else 'is not a budget'})"
+            )
+        out.append(e)
+    return out

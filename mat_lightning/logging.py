@@ -14,6 +14,8 @@ logger-less runs work unchanged.
 from __future__ import annotations
 
 import copy
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,10 @@ import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from mat_lightning.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 #: W&B config keys that are jsonargparse bookkeeping, not settings of the run.
 JUNK_CONFIG_KEYS = ("config", "__default_config__", "__path__")
@@ -117,6 +123,41 @@ def _line_charts(wandb: Any, stage: str, rows: Sequence[dict], ks: Sequence[int]
     return charts
 
 
+#: W&B's folders outside the run folder: the environment variable that moves each, and its default.
+WANDB_HOME_DIRS = {
+    "WANDB_DATA_DIR": "~/.local/share/wandb",  # artifact staging (results.json, config.yaml are copied there)
+    "WANDB_CACHE_DIR": "~/.cache/wandb",
+    "WANDB_CONFIG_DIR": "~/.config/wandb",
+}
+
+
+def ensure_wandb_dirs(run_dir: str | Path) -> list[str]:
+    """Point W&B's folders that cannot be written (an unwritable or missing ``HOME``, a read-only variable's folder)
+    into ``run_dir/wandb/``, before the run: W&B would otherwise fail after the evaluation, staging its artifact.
+
+    Returns:
+        The variables that were redirected.
+    """
+    moved = []
+    for var, default in WANDB_HOME_DIRS.items():
+        folder = Path(os.environ.get(var) or default).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".mat-write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError:
+            os.environ[var] = str(
+                Path(run_dir) / "wandb" / var.lower().removeprefix("wandb_").removesuffix("_dir")
+            )
+            moved.append(var)
+    if moved:
+        log.info(
+            "W&B's folders %s are not writable (HOME?): using %s", ", ".join(moved), Path(run_dir) / "wandb"
+        )
+    return moved
+
+
 def portable_config(config: Any, run_dir: str | Path) -> Any:
     """A copy of the resolved config without the values the CLI derived from this run's folder.
 
@@ -151,12 +192,21 @@ class SaveConfigToWandb(SaveConfigCallback):
     """A portable ``config.yaml`` in the run directory plus the nested config and tags in every W&B run."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        resolved = self.config
-        self.config = portable_config(resolved, trainer.default_root_dir)
-        try:
-            super().setup(trainer, pl_module, stage)
-        finally:
-            self.config = resolved
+        """Lightning's, with ``config.yaml`` written atomically (a full disk leaves no half file) and portable."""
+        if self.already_saved:
+            return
+        if self.save_to_log_dir:
+            log_dir = trainer.log_dir  # this broadcasts the directory
+            if trainer.is_global_zero and log_dir is not None:
+                portable = portable_config(self.config, trainer.default_root_dir)
+                atomic_write(
+                    Path(log_dir) / self.config_filename, self.parser.dump(portable, skip_unset=False)
+                )
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        # every rank agrees that the config was saved (Lightning's own synchronisation)
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.is_global_zero:

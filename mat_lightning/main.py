@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mat_lightning import options
-from mat_lightning.errors import ConfigError, MatError
+from mat_lightning.errors import ConfigError, MatError, check_eps_255
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,6 +217,8 @@ def eval_args(argv: list[str]) -> list[str]:
     for extra in rest:
         if not extra.startswith("--"):
             raise ConfigError(f"mat eval: unexpected argument {extra!r} (options are --name value)")
+    if args.eps is not None:
+        check_eps_255(args.eps, "mat eval --eps")
     if args.dataset != "synthetic" and args.data_root is None and args.annotations is None:
         raise ConfigError(
             f"mat eval --dataset {args.dataset} needs --data-root <folder> (or --annotations <file>)"

@@ -63,6 +63,13 @@ class MatModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        for key, value, ok, rule in (
+            ("lr", lr, lambda v: 0 <= v < math.inf, "a finite number >= 0, e.g. 1e-5"),
+            ("weight_decay", weight_decay, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            ("warmup_fraction", warmup_fraction, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ):
+            if not ok(float(value)):
+                raise ConfigError(f"--model.{key}={value}: must be {rule}")
         self.save_hyperparameters(logger=False, ignore=["encoder", "defense"])
         self.encoder = encoder
         self.defense = defense if defense is not None else Clean()

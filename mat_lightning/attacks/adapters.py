@@ -83,6 +83,27 @@ class TorchattacksAttack(Attack):
         self.attack, self._eps_255, self.kwargs = attack, float(eps_255), dict(kwargs or {})
         if name is None:
             self.name = f"torchattacks_{attack.lower()}"
+        self._attack_class()  # a wrong name or keyword fails when the config is read, not after the clean pass
+
+    def _attack_class(self) -> type:
+        """The torchattacks class, after checking that it exists and takes every key of ``kwargs``."""
+        torchattacks = _require("torchattacks", "torchattacks")
+        cls = getattr(torchattacks, self.attack, None)
+        if not isinstance(cls, type):
+            raise ConfigError(
+                f"TorchattacksAttack attack={self.attack!r}: torchattacks has no such attack class"
+            )
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            # set by this adapter: eps (from eps_255), alpha (from alpha_255), n_classes, seed
+            taken = set(params) - {"self", "model"} | {"alpha_255"}
+            unknown = sorted(set(self.kwargs) - taken)
+            if unknown:
+                raise ConfigError(
+                    f"TorchattacksAttack {self.attack} kwargs {unknown}: not arguments of torchattacks.{self.attack} "
+                    f"(it takes: {', '.join(sorted(taken))})"
+                )
+        return cls
 
     @property
     def eps_255(self) -> float:
@@ -98,10 +119,7 @@ class TorchattacksAttack(Attack):
     def forward(
         self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor
     ) -> AttackResult:
-        torchattacks = _require("torchattacks", "torchattacks")
-        if not hasattr(torchattacks, self.attack):
-            raise ConfigError(f"torchattacks has no attack {self.attack!r}")
-        cls = getattr(torchattacks, self.attack)
+        cls = self._attack_class()
         with torch.no_grad():
             prototypes, labels = caption_prototypes(encoder.encode_text(captions), txt2img, images.shape[0])
         model = _RetrievalClassifier(encoder, prototypes)

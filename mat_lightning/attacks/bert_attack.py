@@ -110,13 +110,15 @@ def load_mlm(spec: str) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path)
-    except (OSError, ValueError) as e:  # missing folder, unknown hub id, offline hub
+    # Broad on purpose: a missing folder, an unknown hub id or an offline hub raise OSError or ValueError, a
+    # truncated weights file raises the safetensors or torch error of its format.
+    except Exception as e:  # noqa: BLE001
         if is_cached(path):
             raise ConfigError(corrupt_cache_hint(path)) from None
         raise ConfigError(
-            f"could not load the masked LM {spec!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
-            "Offline? Give a local folder written by save_pretrained, or 'synthetic' (in a mat config) for the "
-            "synthetic world's MLM."
+            f"could not load the masked LM {spec!r} ({e.__class__.__name__}: {(str(e).splitlines() or [''])[0]}). "
+            "Offline, or an incomplete folder? Give a complete local folder written by save_pretrained, or "
+            "'synthetic' (in a mat config) for the synthetic world's MLM."
         ) from None
     return model.eval(), tokenizer
 

@@ -55,6 +55,7 @@ def main(argv: list[str], resolve: Callable[[Namespace], Namespace] | None = Non
     owners: dict[str, tuple[str, Path]] = {}  # content hash -> (split, first file with that content)
     missing: list[tuple[str, str]] = []  # (split, message) of the splits whose images are missing
     present = 0
+    rotated: list[str] = []  # images whose EXIF orientation a viewer would apply
     for _stage, split in dm.splits.items():
         if isinstance(dm.annotations, dict) and split not in dm.annotations:
             table.add_row(split, "-", "-", "-", "-", "absent (no annotation file given)")
@@ -83,6 +84,10 @@ def main(argv: list[str], resolve: Callable[[Namespace], Namespace] | None = Non
                     load_image(r.image_path, cfg.image_size)
                 except DataError as e:
                     bad.append(str(e))
+                    continue
+                orientation = exif_orientation(r.image_path)
+                if orientation in ORIENTATIONS:
+                    rotated.append(f"{r.image_path} ({ORIENTATIONS[orientation]})")
         repeated = [
             r for r in records if r.entries > 1 and r.split is not None
         ]  # Karpathy: one entry per image
@@ -102,6 +107,14 @@ def main(argv: list[str], resolve: Callable[[Namespace], Namespace] | None = Non
                 f"{len(bad)} images of split {split!r} cannot be used:\n  " + "\n  ".join(bad[:20]) + more
             )
     console.print(table)
+    if rotated:
+        more = f"\n  ... and {len(rotated) - 5} more" if len(rotated) > 5 else ""
+        print(
+            f"note: {len(rotated)} images carry an EXIF orientation other than 'as stored'; they are read as stored, "
+            "not rotated, as the reference implementations read them (README: Data):\n  "
+            + "\n  ".join(rotated[:5])
+            + more
+        )
     if missing:  # one message: the splits usually share the image folder
         others = ", ".join(split for split, _ in missing[1:])
         problems.insert(
@@ -111,6 +124,30 @@ def main(argv: list[str], resolve: Callable[[Namespace], Namespace] | None = Non
         problems.append(f"no split of {', '.join(dm.splits.values())} is in the annotations")
     if problems:
         raise DataError("\n".join(problems))
+
+
+#: EXIF orientation tag values (TIFF 6.0), as the transform a viewer applies before showing the image.
+ORIENTATIONS = {
+    2: "orientation 2: mirrored",
+    3: "orientation 3: rotated 180°",
+    4: "orientation 4: flipped upside down",
+    5: "orientation 5: mirrored and rotated 90°",
+    6: "orientation 6: rotated 90° clockwise",
+    7: "orientation 7: mirrored and rotated 270°",
+    8: "orientation 8: rotated 90° counter-clockwise",
+}
+
+
+def exif_orientation(path: Path) -> int:
+    """The EXIF orientation tag (0x0112) of an image file, 1 ("as stored") when it has none or cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation (the pixels decoded fine)
+        return 1
+    return value if isinstance(value, int) else 1
 
 
 def caption_counts(per_image: list[int]) -> str:

@@ -17,9 +17,12 @@ Every problem is reported as :class:`~mat_lightning.errors.DataError` naming the
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import posixpath
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +32,10 @@ from mat_lightning.errors import DataError
 log = logging.getLogger(__name__)
 
 Format = Literal["auto", "karpathy", "albef", "clip_benchmark"]
+
+
+class SplitNotFound(DataError):
+    """A well-formed annotation file without any image of the requested split (a typo in the split's name?)."""
 
 
 @dataclass
@@ -69,6 +76,11 @@ def load_json(path: str | Path) -> Any:
         ) from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}); is this really the annotation JSON?") from None
+    except RecursionError:
+        raise DataError(
+            f"{path}: nested too deeply to be an annotation file (lists or objects inside each other thousands of "
+            "levels deep); re-generate the file"
+        ) from None
 
 
 def detect_format(data: Any, path: Path) -> Literal["karpathy", "albef", "clip_benchmark"]:
@@ -210,15 +222,27 @@ def read_coco_captions(path: Path, data: dict, image_root: Path) -> list[ImageCa
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise DataError(f"{path}: annotations[{i}] must have 'image_id' and 'caption'")
-        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+        captions.setdefault(_coco_id(ann["image_id"], f"{path}: annotations[{i}]['image_id']"), []).append(
+            ann["caption"]
+        )
     out = []
     for i, entry in enumerate(images):
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
             raise DataError(f"{path}: images[{i}] must have 'id' and 'file_name'")
-        rel = str(entry["file_name"])
+        _coco_id(entry["id"], f"{path}: images[{i}]['id']")
+        rel = _string_field(entry, "file_name", f"{path}: images[{i}]")
         caps = _clean_captions(captions.get(entry["id"], []), f"{path}: images[{i}] ({rel})")
         out.append(ImageCaptions(image_path=image_root / rel, captions=caps, image_id=rel))
     return out
+
+
+def _coco_id(value: Any, where: str) -> int | str:
+    """A COCO image id: an integer or a string (a list or an object cannot key the captions to their image)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise DataError(
+            f"{where} must be an integer or a string, got {type(value).__name__} {str(value)[:40]}"
+        )
+    return value
 
 
 def read_annotations(
@@ -268,7 +292,7 @@ def read_annotations(
             if fmt == "karpathy"
             else []
         )
-        raise DataError(
+        raise SplitNotFound(
             f"{path}: no images{f' in split {split!r} (splits present: {found})' if split else ''}"
         )
     return records
@@ -308,13 +332,39 @@ def shared_images(
     return pairs
 
 
+def missing_reason(record: ImageCaptions) -> str | None:
+    """Why ``record``'s image file cannot be read (None: it is a regular file): a symbolic-link loop, a link to a
+    missing file, an absolute path that does not exist, a folder, or not found."""
+    path = record.image_path
+    try:
+        st = path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic-link loop (the link points back to itself); fix or remove the link"
+        if path.is_symlink():
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        if Path(record.image_id).is_absolute():
+            return (
+                "an absolute path in the annotation file, and no such file (image paths are usually relative)"
+            )
+        return "not found" if e.errno == errno.ENOENT else (e.strerror or str(e))
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder, not an image file"
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file"
+
+
 def check_images_exist(records: list[ImageCaptions], annotation: str | Path, limit: int = 20) -> None:
-    """Raise one DataError listing the first ``limit`` missing image files by name, then how many more."""
-    missing = [r.image_path for r in records if not r.image_path.is_file()]
+    """Raise one DataError listing the first ``limit`` unreadable image files by name, each with why, then how many
+    more."""
+    missing = [(r.image_path, why) for r in records if (why := missing_reason(r)) is not None]
     if missing:
-        shown = "\n  ".join(str(p) for p in missing[:limit])
+        shown = "\n  ".join(f"{p} ({why})" for p, why in missing[:limit])
         more = f"\n  ... and {len(missing) - limit} more" if len(missing) > limit else ""
+        hint = (
+            "\nCheck --data.image_root (the folder the annotation's image paths are relative to)."
+            if any(why == "not found" for _, why in missing)
+            else ""
+        )
         raise DataError(
-            f"{len(missing)} of {len(records)} images listed in {annotation} are missing:\n  {shown}{more}\n"
-            "Check --data.image_root (the folder the annotation's image paths are relative to)."
+            f"{len(missing)} of {len(records)} images listed in {annotation} are missing:\n  {shown}{more}{hint}"
         )

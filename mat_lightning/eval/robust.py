@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import (
     ConfigError,
     NonFiniteError,
+    check_eps_255,
     is_synthetic_name,
     non_finite_tensors,
     non_finite_weights_message,
@@ -76,6 +78,7 @@ def _encode_split(
     itm = rerank.ItmBank(encoder) if rerank.wants_rerank(encoder) else None  # fusion models: ITM re-ranking
     t0 = time.perf_counter()
     exported: list[dict] = []
+    staging = _staging(export) if export is not None else None
     total = len(loader) if hasattr(loader, "__len__") else None
     for batch in tqdm(loader, desc=desc, total=total, disable=not progress, leave=False):
         images, txt2img = batch.images.to(device), batch.txt2img.to(device)
@@ -83,8 +86,8 @@ def _encode_split(
         if attack is not None:
             result = attack(encoder, images, captions, txt2img, image_ids=batch.image_ids.to(device))
             images, captions = result.images, result.captions
-            if export is not None:
-                exported += _export_batch(export, batch, images, captions)
+            if staging is not None:
+                exported += _export_batch(staging, batch, images, captions)
         with torch.no_grad():
             bank.add(
                 encoder.encode_image(images), batch.image_ids, encoder.encode_text(captions), batch.txt2img
@@ -98,22 +101,61 @@ def _encode_split(
         raise NonFiniteError(f"robust evaluation, {desc} split: {e}") from None
     seconds = time.perf_counter() - t0  # after the gather: the wall time of the whole split on all ranks
     if export is not None:
-        _write_export_index(export, exported)
+        _write_export_index(export, exported)  # and the staged folder replaces an earlier export
     gallery = Gallery(img, ids, txt, ids[txt2img])
     return ranks, seconds, gallery
 
 
+def _staging(folder: Path) -> Path:
+    """Where an attacked split is exported before it replaces ``folder`` (the same name on every rank)."""
+    return folder.with_name(f".{folder.name}.partial")
+
+
 def _write_export_index(folder: Path, entries: list[dict]) -> None:
-    """``captions.json`` of an exported set, once, by rank 0, with every rank's images in split order."""
+    """``captions.json`` of an exported set, once, by rank 0, with every rank's images in split order; then the
+    staged folder replaces ``folder``: an export of 4 images over one of 16 leaves 4 images, not 16 beside a 4-entry
+    ``captions.json``, and a failed export leaves the previous one whole."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, entries)
+        dist.all_gather_object(parts, entries)  # also: every rank has written its images
         if dist.get_rank() != 0:
             return
         entries = list({e["image_index"]: e for part in parts for e in part}.values())
     entries = sorted(entries, key=lambda e: e["image_index"])
-    if entries:
-        atomic_write(folder / "captions.json", json.dumps(entries, indent=1))
+    if not entries:
+        return
+    staging = _staging(folder)
+    atomic_write(staging / "captions.json", json.dumps(entries, indent=1))
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_export_folder(folder: Path) -> None:
+    """``--export`` names a new or empty folder, or one that holds only earlier exports (``<attack>_eps<ε>/``
+    folders with a ``captions.json``), which this run replaces; leftovers of an interrupted export are removed.
+
+    Raises:
+        ConfigError: the folder is a file, or holds anything else (it would mix with the export).
+    """
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"robust_eval.export_dir (--export) {folder} is a file; give a folder")
+    if not folder.is_dir():
+        return
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") and entry.name.endswith((".partial", ".old")) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif not (entry.is_dir() and (entry / "captions.json").is_file()):
+            foreign.append(entry.name)
+    if foreign:
+        raise ConfigError(
+            f"robust_eval.export_dir (--export) {folder} holds {len(foreign)} entries that are not an earlier "
+            f"export (e.g. {foreign[0]}): give a new or empty folder (an earlier export there is replaced)"
+        )
 
 
 def _write_set_manifest(folder: Path, attack: Attack) -> None:
@@ -183,6 +225,7 @@ def robust_retrieval(
     check_distinct_names(attacks)
     check_budgets(attacks, eps_255_grid)
     check_finite_encoder(encoder)
+    check_ks(ks, "ks")
     was_training = getattr(encoder, "training", None)  # None: a duck-typed encoder without modes
     if was_training is not None:
         encoder.train(False)
@@ -221,11 +264,7 @@ def check_budgets(attacks: Sequence[Attack], eps_255_grid: Sequence[float] | Non
     attacks): ``eps_255``, ``steps`` and ``step_255`` of image attacks, ``max_words`` and ``top_k`` of text
     attacks; and every ε of the grid.
     """
-    for e in eps_255_grid or []:
-        if not float(e) > 0:
-            raise ConfigError(
-                f"robust_eval.eps_255_grid={list(eps_255_grid)}: every ε must be > 0 (an ε of {e} attacks nothing)"
-            )
+    check_eps_255(list(eps_255_grid or []), "robust_eval.eps_255_grid")
     for attack in attacks:
         parts = [attack] + [getattr(attack, k) for k in ("image_attack", "text_attack") if hasattr(attack, k)]
         for part in parts:
@@ -237,6 +276,23 @@ def check_budgets(attacks: Sequence[Attack], eps_255_grid: Sequence[float] | Non
                         f"robust_eval attack {where} has {key}={value}: it would leave its inputs unchanged and "
                         f"report clean recall as an attack. Give {key} > 0 or remove the attack"
                     )
+
+
+def check_ks(ks: Sequence[int], option: str = "robust_eval.ks") -> list[int]:
+    """Recall cut-offs: distinct integers >= 1, including 1 (R@1 heads the results table, the log lines, the ε
+    curves and ``mat report``)."""
+    values = list(ks)
+    if (
+        not values
+        or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in values)
+        or len(set(values)) != len(values)
+        or 1 not in values
+    ):
+        raise ConfigError(
+            f"{option}={values}: give distinct integers >= 1 that include 1 (R@1 heads every table and figure), "
+            "e.g. [1, 5, 10]"
+        )
+    return values
 
 
 def _robust_rows(
@@ -321,7 +377,7 @@ class RobustRetrievalEval(L.Callback):
                         part.mlm, part._mlm = mlm, None
         self.seed = seed
         self.eps_255_grid = eps_255_grid
-        self.ks = list(ks or [1, 5, 10])
+        self.ks = check_ks(ks if ks is not None else [1, 5, 10])
         self.experiment = experiment
         self.export_dir = export_dir
         self.progress = progress
@@ -367,10 +423,14 @@ class RobustRetrievalEval(L.Callback):
         dm = trainer.datamodule
         if stage == "fit" and dm is not None and hasattr(dm, "read_split"):
             dm.read_split(dm.splits["test"])  # annotation file and image files of the test split exist
+            if hasattr(dm, "probe_eval_images"):
+                for eval_stage in ("validate", "test"):  # and open as images (headers, not a full decode)
+                    dm.probe_eval_images(eval_stage)
         for attack in self.attacks:
             # loads the masked LMs (cached, shared by the suite); on the CPU: no accelerator memory while training
             attack.prepare(torch.device("cpu"))
         if self.export_dir is not None and trainer.is_global_zero:
+            check_export_folder(Path(self.export_dir))
             _check_writable(Path(self.export_dir), "robust_eval.export_dir (--export)")
         if trainer.is_global_zero:
             _check_writable(Path(trainer.default_root_dir), "the run folder (trainer.default_root_dir)")

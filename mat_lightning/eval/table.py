@@ -86,6 +86,10 @@ def load_run(f: Path) -> dict:
         raise DataError(f"{f}: cannot be read ({e.strerror or e})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
         raise DataError(f"{f}: not a mat results.json (expected an object with a 'rows' list)")
+    if not payload["rows"]:
+        raise DataError(
+            f"{f}: 'rows' is empty (the run stopped before its clean evaluation ended?); re-run it or leave it out"
+        )
     for i, row in enumerate(payload["rows"]):
         if not isinstance(row, dict) or not isinstance(row.get("attack"), str):
             raise DataError(f"{f}: rows[{i}] has no 'attack' name; is this a mat results.json?")
@@ -450,6 +454,10 @@ def main(argv: list[str]) -> None:
         "--wandb", action="store_true", help="also log the table to a W&B run (offline by default)"
     )
     args = parser.parse_args(argv)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(
+            f"--out {args.out} is a file: give a folder (table.md, table.tex and table.csv go there)"
+        )
     runs = load_runs(find_results(args.paths))
     _, notes = group_runs(runs)
     for note in notes:

@@ -66,6 +66,33 @@ def _load(kind: str, folder: str, loader: Callable[[], Any]) -> Any:
         ) from None
 
 
+def check_prompt(prompt: str) -> None:
+    """The rewrite prompt fills with ``str.format(caption=...)``: one ``{caption}`` slot, other braces doubled."""
+    if "{caption}" not in prompt:
+        raise ConfigError(f"--prompt {prompt!r}: needs a {{caption}} placeholder")
+    try:
+        prompt.format(caption="")
+    except (IndexError, KeyError, ValueError) as e:
+        raise ConfigError(
+            f"--prompt {prompt!r}: only {{caption}} may stand in braces ({type(e).__name__}: {e}); write a "
+            "literal brace as {{ or }}"
+        ) from None
+
+
+def _check_causal(model: str) -> None:
+    """Refuse a masked LM (BERT) for rewriting before loading it: it has no left-to-right generation, and
+    transformers would load it as a causal LM with random weights in place."""
+    from transformers import AutoConfig
+
+    config = _load("model config", model, lambda: AutoConfig.from_pretrained(model))
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and all("MaskedLM" in a for a in archs):
+        raise ConfigError(
+            f"--model {model} is a masked LM ({', '.join(archs)}): rewrite needs a causal (left-to-right) LM such "
+            "as GPT-2, Qwen or Llama; BERT-style models are the text attacks' --robust_eval.mlm"
+        )
+
+
 def _clean(text: str) -> str:
     """The first line of a generation, without surrounding quotes and blanks."""
     lines = text.strip().splitlines()
@@ -152,8 +179,8 @@ def rewrite_captions(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if "{caption}" not in prompt:
-        raise ConfigError(f"--prompt {prompt!r}: needs a {{caption}} placeholder")
+    check_prompt(prompt)
+    _check_causal(model)
     dev = _device(device)
     tokenizer = _load("tokenizer", model, lambda: AutoTokenizer.from_pretrained(model))
     lm = _load(
@@ -328,6 +355,8 @@ def main(argv: list[str]) -> None:
     if cfg.n < 1:
         raise ConfigError(f"--n {cfg.n}: must be >= 1")
     _check_model(cfg.model)
+    if kind == "rewrite":
+        check_prompt(cfg.prompt)
     records = read_annotations(cfg.annotations, cfg.image_root, cfg.split, cfg.format)
     if cfg.limit is not None:
         records = records[: cfg.limit]
