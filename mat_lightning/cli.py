@@ -526,28 +526,15 @@ def user_error(e: BaseException) -> BaseException | None:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Every ``--config FILE`` is a readable text file: jsonargparse reads it with a traceback otherwise (a binary
-    file, a folder)."""
+    """Every ``--config FILE`` is a readable text file (``mat data check`` and a direct call of :func:`main` do not
+    pass the front door's check)."""
+    from mat_lightning.options import read_config_text
+
     for i, arg in enumerate(argv):
         if arg in ("--config", "-c") and i + 1 < len(argv):
-            value = argv[i + 1]
+            read_config_text(argv[i + 1])
         elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-        else:
-            continue
-        path = Path(value)
-        if path.is_dir():
-            raise ConfigError(f"--config {value} is a folder: give a YAML file (experiments/*.yaml)")
-        if not path.is_file():
-            continue  # jsonargparse's own message names it
-        try:
-            path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(
-                f"--config {value} is not a text file (not UTF-8): give a YAML config such as experiments/smoke.yaml"
-            ) from None
-        except OSError as e:
-            raise ConfigError(f"--config {value} cannot be read ({e.strerror or e})") from None
+            read_config_text(arg.split("=", 1)[1])
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -192,16 +192,32 @@ def check_args(subcommand: str, argv: list[str]) -> None:
         raise ConfigError(f"unrecognized arguments: {token}{_suggest(name, known)}")
 
 
+def read_config_text(path: str) -> str:
+    """The text of a ``--config`` file; a ConfigError for a missing file, a folder, a binary or unreadable file
+    (jsonargparse reads these with a traceback)."""
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"--config {path} is a folder: give a YAML file (experiments/*.yaml)")
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"--config {path} is not a text file (not UTF-8): give a YAML config such as experiments/smoke.yaml"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"--config {path} cannot be read ({e.strerror or e})") from None
+
+
 def check_config_file(subcommand: str, path: str, known: dict[str, Option] | None = None) -> None:
     """The keys of a ``--config`` YAML file are options (down to a class's parameters); the file exists."""
     import yaml
 
     known = known or options(subcommand)
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+    text = read_config_text(path)
     try:
-        cfg = yaml.safe_load(file.read_text(encoding="utf-8"))
+        cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, dict):

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from test_bad_inputs import FAST_FIT, TINY, assert_one_error, run_main
 
+from mat_lightning.cli import main
 from mat_lightning.errors import ConfigError, check_eps_255
 
 PGD = "mat_lightning.attacks.PGD"
@@ -238,13 +239,22 @@ def test_unresolvable_interpolation_is_one_error(tmp_path, capfd, text, names):
     assert_one_error(code, out, *names)
 
 
-@pytest.mark.parametrize("command", [["test"], ["data", "check"]])
+@pytest.mark.parametrize("command", [["test"], ["robust-eval"], ["data", "check"]])
 def test_binary_config_file_is_one_error(tmp_path, capfd, command):
-    """jsonargparse read a binary --config with a UnicodeDecodeError traceback."""
+    """jsonargparse (and the front door's key check) read a binary --config with a UnicodeDecodeError traceback.
+    Through the `mat` script's entry point (front door first) and the CLI's main function alike."""
+    from mat_lightning.main import main as mat
+
     config = tmp_path / "weights.bin"
     config.write_bytes(bytes(range(256)) * 4)
-    code, out = run_main([*command, "--config", str(config)], capfd)
-    assert_one_error(code, out, str(config), "not a text file")
+    for entry in (mat, main):
+        try:
+            entry([*command, "--config", str(config)])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capfd.readouterr()
+        assert_one_error(code, out + err, str(config), "not a text file")
 
 
 def test_split_typo_is_not_called_a_corrupt_cache(tmp_path, capfd):
