@@ -153,6 +153,7 @@ class MatCLI(LightningCLI):
         _quiet_lightning(cfg)
         seed = cfg.seed_everything
         cfg.robust_eval.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+        stage_wandb_in(run_dir)
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for lg in loggers:
             if not hasattr(lg, "class_path"):
@@ -257,6 +258,17 @@ def allow_tf32() -> None:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
+
+
+def stage_wandb_in(run_dir: str) -> None:
+    """W&B's data and cache folders inside the run folder: the files it stages for artifacts (``results.json``,
+    ``config.yaml``, ``curves.pdf``, the tables' adversarial images) land in ``<run>/wandb/artifacts/staging``, not
+    in ``~/.local/share/wandb``, and its service's logs in ``<run>/wandb/cache/logs``, not ``~/.cache/wandb``: the
+    run folder holds everything an offline ``wandb sync`` uploads. W&B reads both variables whenever it stages a
+    file or starts its service; a later run in the same process sets its own."""
+    wandb_dir = Path(run_dir).resolve() / "wandb"
+    os.environ["WANDB_DATA_DIR"] = str(wandb_dir)
+    os.environ["WANDB_CACHE_DIR"] = str(wandb_dir / "cache")
 
 
 def _quiet_lightning(cfg) -> None:

@@ -52,13 +52,21 @@ def run_dir_of(root: Path) -> Path:
     return dirs[0]
 
 
-def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path, tiny_test_split, capsys):
+def test_tiny_fit_writes_the_run_folder(
+    tmp_path, tmp_path_factory, tiny_clip_path, tiny_test_split, capsys, monkeypatch
+):
     """`mat fit` writes config, checkpoint, results (the clean row equal to recall computed by hand from the saved
     weights on the whole test split), CSV, figure, W&B files; the saved config re-runs into a new folder.
 
     Bug caught (results): a row evaluated on other weights than the checkpoint's, a partial split, misaligned
-    captions; the old range check (0..100) passed them.
+    captions; the old range check (0..100) passed them. (W&B files): artifacts staged under
+    ~/.local/share/wandb, outside the run folder (issue 21 item 8).
     """
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
     main(
         [
             "fit",
@@ -94,6 +102,10 @@ def test_tiny_fit_writes_the_run_folder(tmp_path, tiny_clip_path, tiny_test_spli
     assert list(media.glob("images/test/curves_*.png")) and list(
         media.glob("table/test/results_*.table.json")
     )
+    # the run folder is self-contained: what W&B staged for the results artifact lies in it, nothing in HOME
+    staged = {p.read_bytes() for p in (run / "wandb" / "artifacts" / "staging").iterdir()}
+    assert (run / "results.json").read_bytes() in staged and (run / "config.yaml").read_bytes() in staged
+    assert not [p for p in home.rglob("*") if "wandb" in p.parts], list(home.rglob("*"))
     out = capsys.readouterr().out.rstrip().splitlines()  # the results table, then only the run folder
     assert out[-1] == f"run folder: {run}" and out[-3].startswith("| clean ")
     # the saved config re-runs into a new folder, leaving this run's files alone

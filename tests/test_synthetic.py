@@ -282,3 +282,104 @@ def test_caption_noise_misnames_one_attribute_in_training_captions_only(tmp_path
     assert 0.2 < wrong / total < 0.4  # 300 training captions at p = 0.3
     with pytest.raises(ConfigError, match=r"caption_noise=1.5: must be in \[0, 1\)"):
         D.write_world(D.WorldConfig(n_train=2, n_val=1, n_test=1, caption_noise=1.5), tmp_path / "c")
+
+
+# Builds a small preset's CLIP (the cnn world's ResNet tower) and masked LM in a fresh cache at a given thread count
+# and prints the hashes of their weights and the thread count after the build.
+BUILD_AT = """
+import hashlib, sys
+import torch
+threads, unpinned = int(sys.argv[1]), sys.argv[2] == "unpinned"
+torch.set_num_threads(threads)
+from mat_lightning import synthetic
+from mat_lightning.models.pretrain import PretrainConfig
+from mat_lightning.synthetic import assets
+from mat_lightning.synthetic import dataset as D
+if unpinned:  # the build as it was before BUILD_VERSION 2, to show that the test can fail
+    import contextlib
+    assets._one_thread = contextlib.nullcontext
+synthetic.PRESETS["threads-test"] = synthetic.Preset(
+    D.WorldConfig(seed=5, n_train=48, n_val=4, n_test=8, min_objects=3, max_objects=5),
+    PretrainConfig(model_name="mat-tiny-rn", steps=6, batch_size=16),
+    mlm_steps=4,
+)
+clip = torch.load(synthetic.ensure_clip("threads-test"))
+mlm = (synthetic.ensure_mlm("threads-test") / "model.safetensors").read_bytes()
+print(hashlib.sha256(b"".join(v.numpy().tobytes() for v in clip.values())).hexdigest(),
+      hashlib.sha256(mlm).hexdigest(), torch.get_num_threads())
+"""
+
+
+def build_at(threads: int, cache: Path, unpinned: bool = False) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "MAT_CACHE_DIR": str(cache),
+        "PYTHONPATH": str(repo),
+        "OMP_NUM_THREADS": str(threads),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", BUILD_AT, str(threads), "unpinned" if unpinned else "pinned"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split()
+
+
+@pytest.mark.slow  # two cold builds in fresh processes: ~1 min on a loaded 2-core machine
+def test_cached_assets_do_not_depend_on_the_thread_count(tmp_path):
+    """The same cache key names the same weights on a 1-thread and a 2-thread machine (issue 21 item 12). Bug
+    caught: training the CLIP (a ResNet tower: its convolutions' weight gradients sum over the batch in per-thread
+    parts) or the masked LM in the machine's thread count, which gave the cnn world's CLIP clean R@1 81.0 / 81.6
+    on one machine and 84.0 / 81.9 on another under one cache key; and a build that leaves the caller in one
+    thread."""
+    one = build_at(1, tmp_path / "one")
+    two = build_at(2, tmp_path / "two")
+    assert one[:2] == two[:2]
+    assert (one[2], two[2]) == ("1", "2")  # the caller's thread count is restored
+
+
+def test_assets_are_trained_in_one_thread(tmp_path, monkeypatch):
+    """Fast check of the mechanism the slow test above checks end to end: the CLIP and the masked LM are trained in
+    one thread whatever the caller's count, which is restored afterwards."""
+    import torch
+
+    from mat_lightning.models import mlm, pretrain
+    from mat_lightning.models.pretrain import PretrainConfig
+
+    monkeypatch.setenv("MAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(
+        synthetic.PRESETS,
+        "threads-fast",
+        synthetic.Preset(
+            D.WorldConfig(seed=3, n_train=8, n_val=2, n_test=2), PretrainConfig(steps=1), mlm_steps=1
+        ),
+    )
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    monkeypatch.setattr(pretrain, "pretrain_clip", record)
+    monkeypatch.setattr(mlm, "train_tiny_mlm", record)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for build in (synthetic.ensure_clip, synthetic.ensure_mlm):
+            with pytest.raises(Stop):
+                build("threads-fast")
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1]
