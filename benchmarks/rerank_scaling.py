@@ -22,6 +22,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -210,24 +211,33 @@ def tiny_blip_for_bench(folder: Path) -> Path:
 
 
 def bench_rerank_scaling(
-    sizes: tuple[int, ...] = (64, 256, 1024), processes: tuple[int, ...] = (1, 2), rerank_k: int = 16
+    sizes: tuple[int, ...] = (64, 256, 1024),
+    processes: tuple[int, ...] = (1, 2),
+    rerank_k: int = 16,
+    reps: int = 3,
 ) -> dict:
-    """Per number of images and of processes: the busiest rank's ITM pairs and forwards, the largest peak memory
-    of a rank, and the ratios from the first to the last process count."""
+    """Per number of images and of processes: each rank's ITM pairs and forwards, its peak memory (the median of
+    ``reps`` runs: the allocator's peak varies by tens of MB from run to run), and the ratios from the first to the
+    last process count (the busiest rank's pairs, the largest peak)."""
     root = REPO / "runs" / "bench" / "rerank"
     blip = tiny_blip_for_bench(root / "tiny_blip")
-    out: dict = {"rerank_k": rerank_k, "captions_per_image": CAPTIONS_PER_IMAGE, "image_px": 64}
+    out: dict = {"rerank_k": rerank_k, "captions_per_image": CAPTIONS_PER_IMAGE, "image_px": 64, "reps": reps}
     for n in sizes:
         row: dict = {}
         for w in processes:
-            ranks = run_world(blip, n, rerank_k, w, root / f"images{n}_processes{w}")
+            runs = [run_world(blip, n, rerank_k, w, root / f"images{n}_processes{w}") for _ in range(reps)]
+            ranks = runs[0]
+
+            def median(key: str, runs=runs, w=w) -> list[float]:
+                return [statistics.median(run[r][key] for run in runs) for r in range(w)]
+
             row[f"processes_{w}"] = {
                 "itm_pairs_per_rank": [r["itm_pairs"] for r in ranks],
                 "itm_forwards_per_rank": [r["itm_forwards"] for r in ranks],
                 "states_mb_per_rank": [r["states_mb"] for r in ranks],
-                "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in ranks],
-                "eval_peak_growth_mb_per_rank": [r["eval_peak_growth_mb"] for r in ranks],
-                "seconds": max(r["seconds"] for r in ranks),
+                "peak_rss_mb_per_rank": median("peak_rss_mb"),
+                "eval_peak_growth_mb_per_rank": median("eval_peak_growth_mb"),
+                "seconds": statistics.median(max(r["seconds"] for r in run) for run in runs),
                 "tr_r1": ranks[0]["rows"][0]["tr_r1"],
                 "ir_r1": ranks[0]["rows"][0]["ir_r1"],
             }

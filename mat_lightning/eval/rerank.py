@@ -136,7 +136,7 @@ def rerank(
     sim: Tensor,
     states: dict[int, Tensor],
     captions: Sequence[str],
-    reduce: Callable[[Tensor], Tensor] = sum_over_ranks,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ITM re-ranking of every query's top-k, this rank scoring the pairs of the images in ``states``.
 
@@ -145,7 +145,7 @@ def rerank(
         states: ``{row of sim: encoder.itm_image_states of that image}`` for the images this rank scores; the ranks'
             rows together must cover every image exactly once.
         captions: the n_txt captions, in the column order of ``sim``.
-        reduce: sums the ranks' partial score vectors (an all-reduce; tests pass a hand-made sum).
+        reduce: sums the ranks' partial score vectors (default :func:`sum_over_ranks`; tests pass a hand-made sum).
 
     Returns:
         ``(i2t, t2i)``, both float[n_img, n_txt] on sim's device: scores for text retrieval (rows = image
@@ -168,7 +168,7 @@ def rerank(
     device = next(iter(states.values())).device if states else sim.device
     scores = torch.zeros(len(pairs), device=device)  # where the process group can reduce it (NCCL: the GPU)
     scores[is_mine.to(device)] = _itm(encoder, mine // n_txt, mine % n_txt, states, captions).to(device)
-    itm = reduce(scores).to(sim.device)[where.to(sim.device)]
+    itm = (reduce or sum_over_ranks)(scores).to(sim.device)[where.to(sim.device)]
     i2t_itm, t2i_itm = itm[: n_img * k_txt].view(n_img, k_txt), itm[n_img * k_txt :].view(n_txt, k_img)
     i2t = _above_the_rest(sim, i2t_top, encoder.rerank_score(i2t_itm, i2t_itc))
     t2i = _above_the_rest(sim.T, t2i_top, encoder.rerank_score(t2i_itm, t2i_itc)).T
