@@ -22,6 +22,7 @@ batch (``contrastive``, ``cross_entropy``). Under DDP each rank attacks its shar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 
 from mat_lightning.attacks.base import Attack
 from mat_lightning.attacks.objectives import Gallery
+from mat_lightning.attacks.reference import pre_caption
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import (
     ConfigError,
@@ -189,6 +191,35 @@ def _export_batch(
     return entries
 
 
+#: Caption cleaning applied to every caption a robust evaluation sees (the clean row and every attack), by name
+#: (``robust_eval.caption_preprocess``): ``pre_caption`` is ALBEF's, which the Co-Attack and SGA data sets apply.
+CAPTION_PREPROCESS: dict[str, Callable[[str], str]] = {"pre_caption": pre_caption}
+
+
+def caption_preprocessor(name: str | None) -> Callable[[str], str] | None:
+    if name is None:
+        return None
+    if name not in CAPTION_PREPROCESS:
+        raise ConfigError(
+            f"robust_eval.caption_preprocess={name!r}; choose one of {sorted(CAPTION_PREPROCESS)} or null"
+        )
+    return CAPTION_PREPROCESS[name]
+
+
+class _PreprocessedCaptions:
+    """A loader whose batches carry cleaned captions (everything downstream, the clean row included, sees them)."""
+
+    def __init__(self, loader: Iterable[RetrievalBatch], fn: Callable[[str], str]) -> None:
+        self.loader, self.fn = loader, fn
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield dataclasses.replace(batch, captions=[self.fn(c) for c in batch.captions])
+
+
 def robust_retrieval(
     encoder: VLEncoder,
     loader: Iterable[RetrievalBatch],
@@ -200,6 +231,7 @@ def robust_retrieval(
     export_dir: str | Path | None = None,
     on_row: Callable[[list[dict]], None] | None = None,
     on_gallery: Callable[[Gallery], None] | None = None,
+    caption_preprocess: str | None = None,
 ) -> list[dict]:
     """Clean and attacked recall rows.
 
@@ -214,6 +246,8 @@ def robust_retrieval(
         export_dir: write each attacked split there (``<attack>_eps<ε>/images/*.png|.pt`` + ``captions.json``).
         on_row: called with the rows so far after each row (the callback rewrites its result files with it).
         on_gallery: called once with the split's clean embeddings (the negatives of ``split_contrastive``).
+        caption_preprocess: clean every caption first (:data:`CAPTION_PREPROCESS`; reference suites:
+            ``pre_caption``), for the clean row and every attack alike.
 
     Returns:
         Rows ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_*", "asr_flip_*", "seconds"}``: first
@@ -226,6 +260,9 @@ def robust_retrieval(
     check_budgets(attacks, eps_255_grid)
     check_finite_encoder(encoder)
     check_ks(ks, "ks")
+    clean_caption = caption_preprocessor(caption_preprocess)
+    if clean_caption is not None:
+        loader = _PreprocessedCaptions(loader, clean_caption)
     was_training = getattr(encoder, "training", None)  # None: a duck-typed encoder without modes
     if was_training is not None:
         encoder.train(False)
@@ -349,6 +386,8 @@ class RobustRetrievalEval(L.Callback):
         export_dir: write the adversarial test set there (images + captions) for reuse.
         progress: a progress bar per attack.
         seed: the run's seed, recorded in ``results.json`` (the ``mat`` CLI sets it from ``seed_everything``).
+        caption_preprocess: clean every caption before the clean row and the attacks see it: ``pre_caption``
+            (ALBEF's, as the Co-Attack and SGA data sets do; the reference suites set it) or null.
         mlm: if set, the masked LM of every text attack of the list (BERT-Attack, the text part of Sep-Attack,
             Co-Attack and SGA): a hub name, a local folder written by ``save_pretrained``, or (in a ``mat`` config,
             resolved by the CLI) ``synthetic``. A config
@@ -365,8 +404,11 @@ class RobustRetrievalEval(L.Callback):
         progress: bool = True,
         seed: int | None = None,
         mlm: str | None = None,
+        caption_preprocess: str | None = None,
     ) -> None:
         self.attacks = list(attacks or [])
+        caption_preprocessor(caption_preprocess)  # a bad name fails at construction, before any training
+        self.caption_preprocess = caption_preprocess
         if is_synthetic_name(mlm):
             raise unresolved_synthetic_name("robust_eval.mlm", mlm, "ensure_mlm(<preset>)")
         self.mlm = mlm
@@ -458,6 +500,7 @@ class RobustRetrievalEval(L.Callback):
             self.export_dir,  # every rank writes its shard's images, rank 0 the index
             on_row=lambda rows: self._write(trainer, pl_module, rows, complete=False),
             on_gallery=lambda gallery: setattr(self, "_gallery", gallery),
+            caption_preprocess=self.caption_preprocess,
         )
         base = {}
         # scalars: each attack at its configured budget (the first row of that attack); the clean row is
@@ -485,7 +528,8 @@ class RobustRetrievalEval(L.Callback):
 
     def _examples(self, pl_module: L.LightningModule, loader, n: int = 4) -> list[list]:
         """A few clean vs adversarial image-caption pairs per attack (first images of the split, first caption)."""
-        batch = next(iter(loader))
+        clean_caption = caption_preprocessor(self.caption_preprocess)
+        batch = next(iter(_PreprocessedCaptions(loader, clean_caption) if clean_caption else loader))
         n = min(n, len(batch.image_ids))
         keep = batch.txt2img < n
         images = batch.images[:n].to(pl_module.device)
@@ -561,6 +605,7 @@ class RobustRetrievalEval(L.Callback):
             # the attacks of the run and their eps grid: `mat report` averages only runs evaluated alike
             "attacks": {a.name: attack_config(a) for a in self.attacks},
             "eps_255_grid": self.eps_255_grid,
+            "caption_preprocess": self.caption_preprocess,
             "modalities": {a.name: a.modality for a in self.attacks},
             "git": provenance.git_state(str(REPO_ROOT)),
             "versions": provenance.package_versions(),
