@@ -502,6 +502,8 @@ def _quiet_console() -> None:
     warnings.filterwarnings(
         "ignore", message=r"It is recommended to use `self.log\('(val|test)/", category=UserWarning
     )
+    # Resuming (--ckpt_path) writes into this run's own new folder by design, not the folder the checkpoint came from
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from", category=UserWarning)
     tip_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropTips) for f in tip_logger.filters):
         tip_logger.addFilter(_DropTips())
@@ -638,7 +640,11 @@ def _main(argv: list[str], from_command_line: bool) -> None:
             sys.argv[1:] = argv  # DDP re-executes sys.argv in each process; keep it what we run
             cli = MatCLI(alias=alias)
         else:
-            cli = MatCLI(args=argv, alias=alias)
+            with warnings.catch_warnings():
+                # Called from Python (tests, notebooks) with explicit args while sys.argv holds the caller's own
+                # arguments: Lightning warns in case both were meant; here only args are.
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+                cli = MatCLI(args=argv, alias=alias)
     finally:
         _finish_wandb()
         LOCAL_MODELS.clear()  # this run's --local_models must not leak into the next run in the same process

@@ -20,6 +20,7 @@ TINY = [
     "--data.world=tiny",
     "--model.encoder.init_args.pretrained=synthetic:tiny",
     "--trainer.enable_progress_bar=false",
+    "--trainer.log_every_n_steps=1",  # runs of 2 steps: Lightning warns when an epoch is shorter than the interval
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,7 +82,7 @@ def test_augmentations_and_thesaurus(tiny_world):
     assert o2m["image_sources"][0]["init_args"]["path"] == str(root / "t2i.json")
     thesaurus = o2m["eda"]["init_args"]["thesaurus"]
     assert thesaurus == str(tiny_world.parent / "thesaurus.json")
-    assert json.loads(open(thesaurus).read()) == synthetic.classic.thesaurus()
+    assert json.loads(Path(thesaurus).read_text()) == synthetic.classic.thesaurus()
 
 
 @pytest.mark.parametrize(
