@@ -111,6 +111,20 @@ class MatCLI(LightningCLI):
             run=run,
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's, then the defaults that follow the world written into the config: every attack a defense
+        or multimodal attack leaves unset becomes its class's default, spelled out (:func:`default_part_args`),
+        with the data's masked LM. So ``--print_config`` and the saved ``config.yaml`` show what runs, and
+        ``--model.defense=MAT`` on synthetic data attacks with the world's MLM, not bert-base-uncased."""
+        if args is not None and not isinstance(args, list | tuple):
+            return super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        printing = [a for a in argv if a.split("=", 1)[0] == "--print_config"]
+        rest = [a for a in argv if a not in printing]
+        config = parser.parse_args(rest)
+        extra = default_part_args(config)
+        self.config = parser.parse_args(rest + extra + printing) if extra or printing else config
+
     def add_arguments_to_parser(self, parser) -> None:
         # help texts in options.py, which the front door reads without importing this module
         parser.add_argument("--experiment", type=str, default="default", help=CLI_OPTIONS["experiment"])
@@ -249,6 +263,57 @@ class MatCLI(LightningCLI):
             evaluator.weights = weights
         # verbose=False: the command prints one results table at its end instead of one line per logged scalar
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+
+
+def default_part_args(config) -> list[str]:
+    """Options that spell out the unset attacks of the configured defense and evaluation attacks.
+
+    A defense's or multimodal attack's attack argument left at None gets its class's default (``default_parts`` of
+    :class:`~mat_lightning.defenses.base.Defense` and the multimodal attacks), with ``mlm: synthetic`` on synthetic
+    data (the world's masked LM) and ``bert-base-uncased`` otherwise. Returns ``--model.defense=<json>`` and
+    ``--robust_eval.attacks=<json>`` when something was filled in, else nothing.
+    """
+    cfg = config[config.subcommand] if config.get("subcommand") else config
+    data = cfg.get("data")
+    mlm = "synthetic" if data is not None and data.get("dataset") == "synthetic" else "bert-base-uncased"
+    out = []
+    defense = cfg.get("model") and cfg.model.get("defense")
+    if defense is not None and hasattr(defense, "class_path"):
+        spec = defense.as_dict()
+        if _fill_parts(spec, mlm):
+            out.append(f"--model.defense={json.dumps(spec, default=str)}")
+    attacks = cfg.get("robust_eval") and cfg.robust_eval.get("attacks")
+    if attacks:
+        specs = [a.as_dict() if hasattr(a, "as_dict") else a for a in attacks]
+        if sum(_fill_parts(spec, mlm) for spec in specs if isinstance(spec, dict)):
+            out.append(f"--robust_eval.attacks={json.dumps(specs, default=str)}")
+    return out
+
+
+def _fill_parts(spec: dict, mlm: str) -> bool:
+    """Fill ``spec``'s unset attack arguments with its class's ``default_parts`` (in place); whether any was."""
+    import importlib
+    import inspect
+
+    module, _, name = str(spec.get("class_path", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False  # jsonargparse has already said what is wrong with it
+    parts = getattr(cls, "default_parts", None) or {}
+    args = spec.setdefault("init_args", {})
+    filled = False
+    for key, (part, kwargs) in parts.items():
+        if args.get(key) is not None:
+            continue
+        kwargs = dict(kwargs)
+        if "mlm" in inspect.signature(part).parameters:
+            kwargs["mlm"] = mlm
+        public = importlib.import_module("mat_lightning.attacks")
+        path = f"{public.__name__}.{part.__name__}" if getattr(public, part.__name__, None) is part else None
+        args[key] = {"class_path": path or f"{part.__module__}.{part.__name__}", "init_args": kwargs}
+        filled = True
+    return filled
 
 
 def allow_tf32() -> None:

@@ -23,7 +23,7 @@ COMMANDS = {
     "validate": "clean validation recall of a checkpoint or the starting weights",
     "test": "clean recall + robust evaluation of a checkpoint or start weights",
     "robust-eval": "the robust evaluation (mat test by its name; --export DIR)",
-    "eval": "one call, no YAML: --model --pretrained --dataset --attacks ...",
+    "eval": "one call, no YAML: --dataset --dataset_root --model --attacks ...",
     "data": "data check: read every split, decode every image, list problems",
     "report": "a paper-style table across runs (only comparable runs averaged)",
     "augment": "write MAT+ 1:N augmentation files (rewrite | i2t), local model",
@@ -121,14 +121,26 @@ ATTACK_NAMES = {
     "CoAttack": "co_attack",
     "SGA": "sga",
 }
+#: The one definition of each evaluation suite: ``mat eval`` picks its rows from it and experiments load it
+#: (``robust_eval: ../conf/attack/<suite>.yaml``), so both give the same rows on the same data and weights.
 SUITE = REPO_ROOT / "conf" / "attack" / "synthetic_suite.yaml"
+REAL_DATA_SUITE = REPO_ROOT / "conf" / "attack" / "bert_base_suite.yaml"
+PAPERS_FIVE = "pgd,bert_attack,sep_attack,co_attack,sga"
+DATASETS = ("synthetic", "flickr30k", "coco", "custom")
+#: ``mat test`` options without a dot that ``mat eval`` passes through (dotted ones always pass).
+PASS_THROUGH = ("--config", "--seed_everything", "--ckpt_path", "--print_config", "--local_models")
 
 
-def suite_names() -> list[str]:
+def suite_file(dataset: str) -> Path:
+    """The suite ``mat eval`` evaluates with: the world's MLM on synthetic data, bert-base-uncased otherwise."""
+    return SUITE if dataset == "synthetic" else REAL_DATA_SUITE
+
+
+def suite_names(dataset: str = "synthetic") -> list[str]:
     """The row labels of the suite ``mat eval`` picks its attacks from, in order."""
     import yaml
 
-    return [row_name(a) for a in yaml.safe_load(SUITE.read_text())["attacks"]]
+    return [row_name(a) for a in yaml.safe_load(suite_file(dataset).read_text())["attacks"]]
 
 
 def row_name(spec: dict) -> str:
@@ -136,118 +148,192 @@ def row_name(spec: dict) -> str:
     return spec.get("init_args", {}).get("name") or ATTACK_NAMES[spec["class_path"].rsplit(".", 1)[-1]]
 
 
-def _set_in(spec: dict, cls: str, key: str, value) -> None:
-    """Set ``init_args[key]`` of every ``cls`` in an attack spec, including a multimodal attack's parts."""
-    if spec.get("class_path", "").rsplit(".", 1)[-1] == cls:
-        spec.setdefault("init_args", {})[key] = value
-    for part in ("image_attack", "text_attack"):
-        if isinstance(spec.get("init_args", {}).get(part), dict):
-            _set_in(spec["init_args"][part], cls, key, value)
-
-
-def eval_attacks(names: str, mlm: str, eps_255: float | None) -> list[dict]:
-    """The attacks of ``conf/attack/*_suite.yaml`` named in ``names`` (comma-separated), with ``mlm`` and ε set."""
+def eval_attacks(names: str, dataset: str = "synthetic") -> list[dict]:
+    """The attack specs of the data set's suite (:func:`suite_file`) named in ``names`` (comma-separated), as
+    written there: budgets, MLM and ε are changed by ``robust_eval`` options, never here."""
     import yaml
 
-    suite = yaml.safe_load(SUITE.read_text())["attacks"]
+    suite = yaml.safe_load(suite_file(dataset).read_text())["attacks"]
     by_name = {row_name(a): a for a in suite}
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in by_name]
     if unknown or not wanted:
-        raise ConfigError(f"--attacks {names!r}: unknown {unknown}; choose from {','.join(by_name)}")
-    out = []
-    for name in wanted:
-        spec = json.loads(json.dumps(by_name[name]))
-        _set_in(spec, "BertAttack", "mlm", mlm)
-        if eps_255 is not None:
-            _set_eps(spec, eps_255)
-        out.append(spec)
-    return out
+        raise ConfigError(
+            f"--attacks {names!r}: unknown {unknown}; the {dataset} suite "
+            f"({suite_file(dataset).relative_to(REPO_ROOT)}) has {','.join(by_name)}"
+        )
+    return [by_name[name] for name in wanted]
 
 
-def _set_eps(spec: dict, eps_255: float) -> None:
-    """ε of every PGD in a spec; its step scales with it (as ``Attack.with_eps`` does)."""
-    args = spec.get("init_args", {})
-    if spec["class_path"].endswith(".PGD"):
-        old = float(args.get("eps_255", 2.0))
-        args["step_255"] = float(args.get("step_255", 0.5)) * eps_255 / old
-        args["eps_255"] = eps_255
-    for part in ("image_attack", "text_attack"):
-        if isinstance(args.get(part), dict):
-            _set_eps(args[part], eps_255)
+class _Renamed(argparse.Action):
+    """An option's old spelling (``--data-root``), hidden from the help: it still works, with one deprecation line."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"mat eval: {option_string} is deprecated, use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
-def eval_args(argv: list[str]) -> list[str]:
-    """``mat eval`` options -> the equivalent ``mat test`` arguments (unknown ``--a.b=c`` options pass through)."""
+def _add_renamed(p: argparse.ArgumentParser, new: str, old: str, **kwargs) -> None:
+    p.add_argument(new, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k == "type"}
+    p.add_argument(old, dest=new[2:], action=_Renamed, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    """``mat eval``'s options: CLIP_benchmark's names where it has one (``--dataset_root``, ``--output``,
+    ``--task``, ``--batch_size``), underscores like every ``mat`` option."""
     p = argparse.ArgumentParser(
         prog="mat eval",
-        description="Robust retrieval evaluation of a CLIP model in one call; writes the usual run folder "
-        "(<run-root>/<experiment>/<time>/: config.yaml, results.json/.csv, curves.png/.pdf). Any `mat test` "
-        "option (e.g. --trainer.devices=2) may follow.",
+        allow_abbrev=False,
+        description="Robust retrieval evaluation of a CLIP model in one call (CLIP_benchmark's option names); "
+        "writes the usual run folder (<run_root>/<experiment>/<time>/: config.yaml, results.json/.csv, "
+        "curves.png/.pdf). Attacks: conf/attack/synthetic_suite.yaml on synthetic data, bert_base_suite.yaml "
+        "on real data, the files experiments load. Any dotted `mat test` option (e.g. --trainer.devices=2) may "
+        "follow.",
     )
-    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-16 (mat-tiny: synthetic)")
     p.add_argument(
-        "--pretrained", required=True, help="open_clip tag (openai), a checkpoint file, or synthetic"
+        "--model", default=None, help="open_clip model name, e.g. ViT-B-16 (synthetic: the world's CLIP)"
     )
-    p.add_argument("--dataset", required=True, choices=["flickr30k", "coco", "custom", "synthetic"])
     p.add_argument(
-        "--data-root", default=None, help="folder with the annotations and images (real data sets)"
+        "--pretrained",
+        default=None,
+        help="open_clip tag (openai), a checkpoint file, or synthetic (default on --dataset synthetic)",
     )
-    p.add_argument("--annotations", default=None, help="annotation file (custom; default: in --data-root)")
-    p.add_argument("--world", default=None, help="synthetic world preset (default, rich, tiny)")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    _add_renamed(
+        p,
+        "--dataset_root",
+        "--data-root",
+        default=None,
+        help="folder with the annotations and images (real data sets)",
+    )
+    p.add_argument("--annotations", default=None, help="annotation file (custom; default: in --dataset_root)")
+    p.add_argument("--world", default=None, help="synthetic world preset (default, rich, tiny, cnn)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument(
-        "--attacks",
-        default="pgd,bert_attack,sep_attack,co_attack,sga",
-        help="comma-separated rows of conf/attack/synthetic_suite.yaml (default: the papers' five): "
-        + ",".join(suite_names()),
+        "--task",
+        default="zeroshot_retrieval",
+        choices=["zeroshot_retrieval"],
+        help="CLIP_benchmark's task name; image-text retrieval is the only one",
     )
-    p.add_argument("--eps", type=float, default=None, help="image budget in 1/255 (default 2, the papers')")
+    p.add_argument(
+        "--attacks",
+        default=PAPERS_FIVE,
+        help=f"comma-separated rows of the data's suite (default: the papers' five); synthetic also has "
+        f"{','.join(n for n in suite_names() if n not in PAPERS_FIVE.split(','))}",
+    )
+    _add_renamed(
+        p,
+        "--eps_255",
+        "--eps",
+        type=float,
+        default=None,
+        help="image budget of every attack in 1/255 (default: the suite's, 2); steps scale with it",
+    )
+    p.add_argument(
+        "--max_words",
+        type=int,
+        default=None,
+        help="word budget of every text attack (default: the suite's, 1)",
+    )
     p.add_argument(
         "--mlm",
         default=None,
-        help="masked LM of the text attacks (default: bert-base-uncased; synthetic data: synthetic)",
+        help="masked LM of the text attacks (default: the suite's: synthetic, or bert-base-uncased)",
     )
-    p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--batch-size", type=int, default=None, help="images per evaluation batch")
-    p.add_argument("--experiment", default=None, help="run name (default: eval_<model>)")
-    p.add_argument("--run-root", default="runs", help="where run folders go (default runs)")
+    p.add_argument(
+        "--max_images",
+        "--max-images",
+        action=_Renamed,
+        type=int,
+        default=None,
+        help="the first N images only",
+    )
+    _add_renamed(p, "--batch_size", "--batch-size", type=int, default=None, help="images per batch")
+    p.add_argument("--experiment", default=None, help="run name (default: eval_<model>_<dataset>[-<world>])")
+    p.add_argument(
+        "--run_root",
+        "--run-root",
+        action=_Renamed,
+        default="runs",
+        help="where run folders go (default runs)",
+    )
+    p.add_argument("--output", default=None, help="also write results.json to this file (CLIP_benchmark's)")
     p.add_argument("--export", default=None, help="also write the adversarial test sets to this folder")
-    args, rest = p.parse_known_args(argv)
-    for extra in rest:
-        if not extra.startswith("--"):
-            raise ConfigError(f"mat eval: unexpected argument {extra!r} (options are --name value)")
-    if args.eps is not None:
-        check_eps_255(args.eps, "mat eval --eps")
-    if args.dataset != "synthetic" and args.data_root is None and args.annotations is None:
+    return p
+
+
+def _pass_through(rest: list[str]) -> list[str]:
+    """The ``mat test`` options among ``mat eval``'s unknown arguments; anything else is an error naming it."""
+    out, i = [], 0
+    while i < len(rest):
+        token = rest[i]
+        name = token.split("=", 1)[0]
+        if not token.startswith("--"):
+            raise ConfigError(f"mat eval: unexpected argument {token!r} (options are --name value)")
+        if "." not in name and name not in PASS_THROUGH:
+            raise ConfigError(
+                f"mat eval: unknown option {name} (mat eval --help lists them; `mat test` options pass "
+                "through dotted, e.g. --trainer.devices=2)"
+            )
+        out.append(token)
+        if "=" not in token and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            out.append(rest[i + 1])  # its value
+            i += 1
+        i += 1
+    return out
+
+
+def eval_args(argv: list[str]) -> list[str]:
+    """``mat eval`` options -> the equivalent ``mat test`` arguments (dotted ``mat test`` options pass through)."""
+    args, rest = eval_parser().parse_known_args(argv)
+    rest = _pass_through(rest)
+    if args.eps_255 is not None:
+        check_eps_255(args.eps_255, "mat eval --eps_255")
+    synthetic = args.dataset == "synthetic"
+    if not synthetic and (args.model is None or args.pretrained is None):
         raise ConfigError(
-            f"mat eval --dataset {args.dataset} needs --data-root <folder> (or --annotations <file>)"
+            f"mat eval --dataset {args.dataset} needs --model and --pretrained (e.g. --model ViT-B-16 "
+            "--pretrained openai); only --dataset synthetic has defaults (the world's CLIP)"
         )
-    mlm = args.mlm or (
-        "synthetic" + (f":{args.world}" if args.world else "")
-        if args.dataset == "synthetic"
-        else "bert-base-uncased"
-    )
-    experiment = args.experiment or "eval_" + "".join(
-        c if c.isalnum() or c in "-_." else "_" for c in args.model
+    if not synthetic and args.dataset_root is None and args.annotations is None:
+        raise ConfigError(
+            f"mat eval --dataset {args.dataset} needs --dataset_root <folder> (or --annotations <file>)"
+        )
+    if args.world is not None and not synthetic:
+        raise ConfigError(f"mat eval --world {args.world}: a synthetic world preset; use --dataset synthetic")
+    model = (
+        args.model or "mat-tiny"
+    )  # synthetic: the preset's CLIP architecture replaces it (name_architectures)
+    data_name = args.dataset + (f"-{args.world}" if args.world else "")
+    experiment = args.experiment or "".join(
+        c if c.isalnum() or c in "-_." else "_" for c in f"eval_{model}_{data_name}"
     )
     out = [
         "test",
         f"--experiment={experiment}",
         f"--run_root={args.run_root}",
-        f"--model.encoder.init_args.model_name={args.model}",
-        f"--model.encoder.init_args.pretrained={args.pretrained}",
+        f"--model.encoder.init_args.model_name={model}",
+        f"--model.encoder.init_args.pretrained={args.pretrained or 'synthetic'}",
         f"--data.dataset={args.dataset}",
         f"--data.test_split={args.split}",
-        f"--robust_eval.attacks={json.dumps(eval_attacks(args.attacks, mlm, args.eps))}",
+        f"--robust_eval.attacks={json.dumps(eval_attacks(args.attacks, args.dataset))}",
     ]
     optional = {
-        "--data.root": args.data_root,
+        "--data.root": args.dataset_root,
         "--data.annotations": args.annotations,
         "--data.world": args.world,
         "--data.max_eval_images": args.max_images,
         "--data.eval_batch_size": args.batch_size,
+        "--robust_eval.eps_255": args.eps_255,
+        "--robust_eval.max_words": args.max_words,
+        "--robust_eval.mlm": args.mlm,
         "--robust_eval.export_dir": args.export,
+        "--robust_eval.output": args.output,
     }
     out += [f"{k}={v}" for k, v in optional.items() if v is not None]
     return out + rest

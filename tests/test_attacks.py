@@ -460,7 +460,7 @@ def test_the_suite_parses_with_distinct_names_and_records_them(tiny_world):
     assert attack_config(strong)["mlm"].startswith(Path(tiny_mlm()).name + " sha256:")
     assert "name" not in attack_config(attacks[1])  # rows without a name record what they always did
     # mat eval picks rows by name, the BertAttack rows included
-    picked = eval_attacks("bert_attack_synonym,bert_attack,bert_attack_strong", "synthetic:tiny", None)
+    picked = eval_attacks("bert_attack_synonym,bert_attack,bert_attack_strong", "synthetic")
     assert [p["init_args"].get("name") for p in picked] == ["bert_attack_synonym", None, "bert_attack_strong"]
 
 

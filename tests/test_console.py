@@ -1,4 +1,5 @@
-"""The researcher's console and files: fail fast, one readable table last, portable configs, help, `mat eval`."""
+"""The researcher's console and files: fail fast, one readable table last, portable configs, help (`mat eval`:
+test_eval_cli.py)."""
 
 from __future__ import annotations
 
@@ -148,45 +149,6 @@ def test_make_print_config_is_a_valid_config():
     assert cfg["experiment"] == "smoke" and "trainer" in cfg
 
 
-def test_mat_eval_one_liner_on_the_tiny_world(tmp_path, tiny_clip_path, capsys):
-    main(
-        [
-            "eval",
-            "--model",
-            "mat-tiny",
-            "--pretrained",
-            "synthetic:tiny",
-            "--dataset",
-            "synthetic",
-            "--world",
-            "tiny",
-            "--attacks",
-            "pgd,bert_attack",
-            "--eps",
-            "1",
-            "--max-images",
-            "8",
-            "--run-root",
-            str(tmp_path),
-            "--trainer.enable_progress_bar=false",
-            "--robust_eval.progress=false",
-        ]
-    )
-    (run,) = (tmp_path / "eval_mat-tiny").glob("*")
-    results = json.loads((run / "results.json").read_text())
-    assert [(r["attack"], r["eps_255"]) for r in results["rows"]] == [
-        ("clean", 0.0),
-        ("pgd", 1.0),
-        ("bert_attack", None),
-    ]
-    assert results["n_images"] == 8 and results["complete"] is True
-    cfg = yaml.safe_load((run / "config.yaml").read_text())  # the same config an experiment file gives
-    assert cfg["robust_eval"]["attacks"][1]["init_args"]["mlm"] == "synthetic:tiny"
-    out = capsys.readouterr().out.rstrip().splitlines()
-    assert out[-1] == f"run folder: {run}" and "| pgd" in "\n".join(out)
-    assert "Test metric" not in "\n".join(out)
-
-
 def test_report_imports_no_training_stack(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "results.json").write_text(
@@ -243,6 +205,7 @@ def test_required_mlm_and_missing_images_reported_once(tmp_path, capsys):
                 *TINY[:3],
                 "--model.encoder.init_args.model_name=mat-tiny",
                 "--data.dataset=synthetic",
+                "--robust_eval.mlm=required",  # a config may make the user name the masked LM
             ]
         )
     assert e.value.code == 2 and "--robust_eval.mlm=" in capsys.readouterr().err

@@ -19,6 +19,7 @@ LAYERS = {
     "logging": 0,
     "faults": 0,
     "options": 0,  # reads the CLI classes' signatures from their source (ast), imports none of them
+    "checkpoints": 0,
     "data": 1,
     "models": 2,
     "attacks": 3,

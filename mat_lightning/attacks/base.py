@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from mat_lightning.attacks.objectives import Gallery
-from mat_lightning.errors import ConfigError
+from mat_lightning.errors import ConfigError, check_eps_255
 from mat_lightning.models.encoder import VLEncoder
 
 Modality = Literal["image", "text", "multimodal"]
@@ -247,6 +247,13 @@ class Attack(ABC):
         """
         return self
 
+    def with_max_words(self, max_words: int) -> Attack:
+        """A copy with the word budget of its text part set to ``max_words`` (a suite-level override).
+
+        Attacks without a word budget (image attacks) return themselves.
+        """
+        return self
+
     def clone(self) -> Attack:
         """A fresh copy with its own, re-seeded generator."""
         other = copy.copy(self)
@@ -256,3 +263,34 @@ class Attack(ABC):
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+def check_budget_override(eps_255: object, max_words: object, where: str) -> None:
+    """The one check of the suite-level budgets (``robust_eval.eps_255``/``max_words``, ``model.defense.*``,
+    ``mat eval --eps_255/--max_words``): ε a finite number > 0, words an integer >= 1, or None (unchanged).
+
+    Raises:
+        ConfigError: naming ``<where>.<key>`` and the value.
+    """
+    if eps_255 is not None:
+        check_eps_255(eps_255, f"{where}.eps_255")  # the one ε check (also the grid's and mat eval's)
+    if max_words is not None and (
+        isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1
+    ):
+        raise ConfigError(
+            f"{where}.max_words={max_words!r}: the word budget must be an integer >= 1, or left out to keep "
+            "each attack's own"
+        )
+
+
+def with_budgets(attack: Attack, eps_255: float | None = None, max_words: int | None = None) -> Attack:
+    """``attack`` with a suite-level budget: ε of every image part, words of every text part (None: unchanged).
+
+    The step rule is :meth:`Attack.with_eps`'s, the same as the ε grid's: each image part's step scales with its ε
+    (``steps x step / ε`` stays constant: PGD 10 x 0.5/255 at ε = 2/255 becomes 10 x 1/255 at ε = 4/255).
+    """
+    if eps_255 is not None and attack.eps_255 is not None:
+        attack = attack.with_eps(float(eps_255))
+    if max_words is not None:
+        attack = attack.with_max_words(int(max_words))
+    return attack

@@ -247,6 +247,11 @@ class BertAttack(Attack):
             )
         return other
 
+    def with_max_words(self, max_words: int) -> BertAttack:
+        other = self.clone()
+        other.max_words = int(max_words)
+        return other
+
     @classmethod
     def from_mlm(cls, model: Any, tokenizer: Any, **kwargs: Any) -> BertAttack:
         """An attack around an already loaded masked LM (tests, notebooks)."""

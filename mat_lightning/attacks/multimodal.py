@@ -59,22 +59,24 @@ from mat_lightning.models.encoder import VLEncoder
 
 class _Composed(Attack):
     modality = "multimodal"
+    #: the part each argument left unset gets: ``{argument: (class, keyword arguments)}``; the ``mat`` CLI writes
+    #: them into the config (with the data's masked LM), so ``--print_config`` and config.yaml show them
+    default_parts: dict[str, tuple[type, dict]] = {
+        "image_attack": (PGD, {"eps_255": 2.0, "steps": 10, "step_255": 0.5}),
+        "text_attack": (BertAttack, {}),
+    }
 
     def __init__(
         self,
         image_attack: PGD | None,
         text_attack: BertAttack | None,
-        step_255: float,
         seed: int | None,
         name: str | None = None,
     ) -> None:
         super().__init__(seed, name)
-        self.image_attack = (
-            image_attack.clone()
-            if image_attack is not None
-            else PGD(eps_255=2.0, steps=10, step_255=step_255)
-        )
-        self.text_attack = text_attack.clone() if text_attack is not None else BertAttack()
+        parts = {"image_attack": image_attack, "text_attack": text_attack}
+        for key, given in parts.items():
+            setattr(self, key, (given if given is not None else _build(self.default_parts[key])).clone())
         if seed is not None:  # the composite's seed governs its parts' randomness (random start, SGA noise)
             self.image_attack.seed = self.text_attack.seed = seed
 
@@ -89,6 +91,11 @@ class _Composed(Attack):
     def with_eps(self, eps_255: float) -> Attack:
         other = self.clone()
         other.image_attack = self.image_attack.with_eps(eps_255)
+        return other
+
+    def with_max_words(self, max_words: int) -> Attack:
+        other = self.clone()
+        other.text_attack = self.text_attack.with_max_words(max_words)
         return other
 
     def clone(self) -> Attack:
@@ -114,6 +121,11 @@ class _Composed(Attack):
             yield
 
 
+def _build(part: tuple[type, dict]) -> Attack:
+    cls, kwargs = part
+    return cls(**kwargs)
+
+
 class SepAttack(_Composed):
     """Image and text attacked independently (each against the clean other modality).
 
@@ -132,7 +144,7 @@ class SepAttack(_Composed):
         seed: int | None = 0,
         name: str | None = None,
     ) -> None:
-        super().__init__(image_attack, text_attack, 0.5, seed, name)
+        super().__init__(image_attack, text_attack, seed, name)
 
     def forward(
         self, encoder: VLEncoder, images: Tensor, captions: list[str], txt2img: Tensor
@@ -155,6 +167,10 @@ class CoAttack(_Composed):
     """
 
     name = "co_attack"
+    default_parts = {
+        **_Composed.default_parts,
+        "image_attack": (PGD, {"eps_255": 2.0, "steps": 10, "step_255": 0.25}),
+    }
 
     def __init__(
         self,
@@ -165,7 +181,7 @@ class CoAttack(_Composed):
         seed: int | None = 0,
         name: str | None = None,
     ) -> None:
-        super().__init__(image_attack, text_attack, 0.25, seed, name)
+        super().__init__(image_attack, text_attack, seed, name)
         if alpha < 0:
             raise ConfigError(f"CoAttack alpha={alpha}: must be >= 0")
         self.alpha, self.reference = alpha, reference
@@ -283,7 +299,7 @@ class SGA(_Composed):
         seed: int | None = 0,
         name: str | None = None,
     ) -> None:
-        super().__init__(image_attack, text_attack, 0.5, seed, name)
+        super().__init__(image_attack, text_attack, seed, name)
         self.scales = list(scales) if scales is not None else [0.5, 0.75, 1.25, 1.5]
         if any(s <= 0 for s in self.scales) or noise_std < 0:
             raise ConfigError(f"SGA scales={self.scales} must be > 0 and noise_std={noise_std} >= 0")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mat_lightning.attacks.base import Attack
+from mat_lightning.attacks.base import Attack, check_budget_override, with_budgets
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import ConfigError
 from mat_lightning.losses import distributed_contrastive_loss
@@ -42,6 +42,9 @@ class Defense(nn.Module):
 
     name: str = "defense"
     trains: tuple[str, ...] = ("vision", "text")
+    #: the attack each attack argument left unset gets: ``{argument: (class, keyword arguments)}``; the ``mat`` CLI
+    #: writes them into the config (with the data's masked LM), so ``--print_config`` and config.yaml show them
+    default_parts: dict[str, tuple[type, dict]] = {}
 
     def __init__(self, clean_weight: float = 0.0) -> None:
         super().__init__()
@@ -55,6 +58,22 @@ class Defense(nn.Module):
     def attacks(self) -> list[Attack]:
         """The training-time attacks (prepared before the first step)."""
         return [a for a in vars(self).values() if isinstance(a, Attack)]
+
+    def part(self, key: str, given: Attack | None) -> Attack:
+        """``given``, or the class's default attack for argument ``key`` (:attr:`default_parts`)."""
+        if given is not None:
+            return given
+        cls, kwargs = self.default_parts[key]
+        return cls(**kwargs)
+
+    def override_budgets(self, eps_255: float | None = None, max_words: int | None = None) -> None:
+        """Suite-level budgets of the training attacks (``--model.defense.eps_255``/``max_words``): ε of every image
+        attack (its step scaled with it, :func:`~mat_lightning.attacks.base.with_budgets`), words of every text
+        attack; None leaves an attack as configured. Subclasses call it last in ``__init__``."""
+        check_budget_override(eps_255, max_words, f"model.defense ({type(self).__name__})")
+        for key, attack in list(vars(self).items()):
+            if isinstance(attack, Attack):
+                setattr(self, key, with_budgets(attack, eps_255, max_words))
 
     def prepare(self, device: torch.device | str) -> None:
         for attack in self.attacks():

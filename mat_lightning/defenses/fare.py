@@ -32,18 +32,24 @@ class FARE(Defense):
         attack: budget and step rule of the inner PGD; its objective is replaced by the embedding distance.
         clean_weight: ``cw`` of RobustVLM's ``--clean_weight``: the loss is ``cw·clean + (1 − cw)·adversarial``
             (a convex mix, unlike the other defenses' ``adversarial + cw·clean``); in [0, 1].
+        eps_255: if set, the training attack's ε (1/255 units), its step scaled with it (the suite-level rule of
+            README "Budgets"); None keeps the attack's own.
     """
 
     name = "fare"
+    default_parts = {"attack": (PGD, {"eps_255": 2, "steps": 10, "step_255": 1, "momentum": 0.9})}
     trains = ("vision",)
 
-    def __init__(self, attack: PGD | None = None, clean_weight: float = 0.0) -> None:
+    def __init__(
+        self, attack: PGD | None = None, clean_weight: float = 0.0, eps_255: float | None = None
+    ) -> None:
         super().__init__(clean_weight)
         if clean_weight > 1:
             raise ConfigError(
                 f"FARE clean_weight={clean_weight}: RobustVLM's convex mix needs a value in [0, 1]"
             )
-        self.attack = attack if attack is not None else PGD(eps_255=2, steps=10, step_255=1, momentum=0.9)
+        self.attack = self.part("attack", attack)
+        self.override_budgets(eps_255)
         self.reference: VLEncoder | None = None
 
     def attach(self, encoder: VLEncoder) -> None:

@@ -18,15 +18,19 @@ class ImageAT(Defense):
     Args:
         attack: the training-time image attack (default: L∞ PGD, ε = 2/255, 2 steps of 1/255, contrastive).
         clean_weight: weight of an extra clean CLIP loss.
+        eps_255: if set, the training attack's ε (1/255 units), its step scaled with it (the suite-level rule of
+            README "Budgets"); None keeps the attack's own.
     """
 
     name = "image_at"
+    default_parts = {"attack": (PGD, {"eps_255": 2, "steps": 2, "step_255": 1, "objective": "contrastive"})}
 
-    def __init__(self, attack: PGD | None = None, clean_weight: float = 0.0) -> None:
+    def __init__(
+        self, attack: PGD | None = None, clean_weight: float = 0.0, eps_255: float | None = None
+    ) -> None:
         super().__init__(clean_weight)
-        self.attack = (
-            attack if attack is not None else PGD(eps_255=2, steps=2, step_255=1, objective="contrastive")
-        )
+        self.attack = self.part("attack", attack)
+        self.override_budgets(eps_255)
 
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
         logs: dict[str, float] = {}

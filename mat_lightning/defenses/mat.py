@@ -44,9 +44,16 @@ class MAT(Defense):
         image_attack: the pixel attack (default: L∞ PGD, ε = 2/255, 2 steps of 1/255, contrastive objective).
         order: ``text_first`` (the paper) or ``image_first``; the second attack is run against the first's output.
         clean_weight: weight of an extra clean CLIP loss (0 in the paper).
+        eps_255: if set, the training attack's ε (1/255 units), its step scaled with it (the suite-level rule of
+            README "Budgets"); None keeps the attack's own.
+        max_words: if set, the training text attack's word budget; None keeps the attack's own.
     """
 
     name = "mat"
+    default_parts = {
+        "text_attack": (BertAttack, {"max_words": 1}),
+        "image_attack": (PGD, {"eps_255": 2, "steps": 2, "step_255": 1}),
+    }
 
     def __init__(
         self,
@@ -54,13 +61,16 @@ class MAT(Defense):
         image_attack: PGD | None = None,
         order: Literal["text_first", "image_first"] = "text_first",
         clean_weight: float = 0.0,
+        eps_255: float | None = None,
+        max_words: int | None = None,
     ) -> None:
         super().__init__(clean_weight)
         if order not in ("text_first", "image_first"):
             raise ConfigError(f"MAT order={order!r}: use text_first or image_first")
-        self.text_attack = text_attack if text_attack is not None else BertAttack(max_words=1)
-        self.image_attack = image_attack if image_attack is not None else PGD(eps_255=2, steps=2, step_255=1)
+        self.text_attack = self.part("text_attack", text_attack)
+        self.image_attack = self.part("image_attack", image_attack)
         self.order = order
+        self.override_budgets(eps_255, max_words)
 
     def adversarial_pair(self, encoder: VLEncoder, batch: RetrievalBatch) -> tuple[torch.Tensor, list[str]]:
         """(adversarial images, adversarial captions), each attack against the other's output."""

@@ -24,9 +24,16 @@ class MMCoA(Defense):
         text_attack: default BERT-Attack with the ``embedding_kl`` objective (Co-Attack's, as MMCoA uses), 1 word.
         image_attack: default L∞ PGD, ε = 2/255, 2 steps of 1/255, contrastive objective.
         lambda_text, lambda_image: weights of the two terms.
+        eps_255: if set, the training attack's ε (1/255 units), its step scaled with it (the suite-level rule of
+            README "Budgets"); None keeps the attack's own.
+        max_words: if set, the training text attack's word budget; None keeps the attack's own.
     """
 
     name = "mmcoa"
+    default_parts = {
+        "text_attack": (BertAttack, {"max_words": 1, "objective": "embedding_kl"}),
+        "image_attack": (PGD, {"eps_255": 2, "steps": 2, "step_255": 1}),
+    }
 
     def __init__(
         self,
@@ -34,13 +41,14 @@ class MMCoA(Defense):
         image_attack: PGD | None = None,
         lambda_text: float = 1.0,
         lambda_image: float = 1.0,
+        eps_255: float | None = None,
+        max_words: int | None = None,
     ) -> None:
         super().__init__(0.0)
-        self.text_attack = (
-            text_attack if text_attack is not None else BertAttack(max_words=1, objective="embedding_kl")
-        )
-        self.image_attack = image_attack if image_attack is not None else PGD(eps_255=2, steps=2, step_255=1)
+        self.text_attack = self.part("text_attack", text_attack)
+        self.image_attack = self.part("image_attack", image_attack)
         self.lambda_text, self.lambda_image = lambda_text, lambda_image
+        self.override_budgets(eps_255, max_words)
 
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
         logs: dict[str, float] = {}

@@ -26,14 +26,20 @@ class TeCoA(Defense):
         attack: budget and step rule of the inner PGD (default: L∞, ε = 2/255, 2 steps of 1/255); its objective is
             replaced by the cross-entropy above.
         clean_weight: weight of the same cross-entropy on clean images.
+        eps_255: if set, the training attack's ε (1/255 units), its step scaled with it (the suite-level rule of
+            README "Budgets"); None keeps the attack's own.
     """
 
     name = "tecoa"
+    default_parts = {"attack": (PGD, {"eps_255": 2, "steps": 2, "step_255": 1})}
     trains = ("vision",)
 
-    def __init__(self, attack: PGD | None = None, clean_weight: float = 0.0) -> None:
+    def __init__(
+        self, attack: PGD | None = None, clean_weight: float = 0.0, eps_255: float | None = None
+    ) -> None:
         super().__init__(clean_weight)
-        self.attack = attack if attack is not None else PGD(eps_255=2, steps=2, step_255=1)
+        self.attack = self.part("attack", attack)
+        self.override_budgets(eps_255)
 
     @torch.no_grad()
     def classes(self, encoder: VLEncoder, batch: RetrievalBatch) -> Guidance:

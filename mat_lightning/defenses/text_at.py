@@ -18,13 +18,18 @@ class TextAT(Defense):
     Args:
         attack: the training-time text attack (default: BERT-Attack, bert-base-uncased, top-10, 1 word).
         clean_weight: weight of an extra clean CLIP loss.
+        max_words: if set, the training text attack's word budget; None keeps the attack's own.
     """
 
     name = "text_at"
+    default_parts = {"attack": (BertAttack, {"max_words": 1})}
 
-    def __init__(self, attack: BertAttack | None = None, clean_weight: float = 0.0) -> None:
+    def __init__(
+        self, attack: BertAttack | None = None, clean_weight: float = 0.0, max_words: int | None = None
+    ) -> None:
         super().__init__(clean_weight)
-        self.attack = attack if attack is not None else BertAttack(max_words=1)
+        self.attack = self.part("attack", attack)
+        self.override_budgets(None, max_words)
 
     def forward(self, encoder: VLEncoder, batch: RetrievalBatch) -> DefenseOutput:
         logs: dict[str, float] = {}

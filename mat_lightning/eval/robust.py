@@ -38,7 +38,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
-from mat_lightning.attacks.base import Attack
+from mat_lightning.attacks.base import Attack, check_budget_override, with_budgets
 from mat_lightning.attacks.objectives import Gallery
 from mat_lightning.attacks.reference import pre_caption
 from mat_lightning.data.datamodule import RetrievalBatch
@@ -391,7 +391,13 @@ class RobustRetrievalEval(L.Callback):
         mlm: if set, the masked LM of every text attack of the list (BERT-Attack, the text part of Sep-Attack,
             Co-Attack and SGA): a hub name, a local folder written by ``save_pretrained``, or (in a ``mat`` config,
             resolved by the CLI) ``synthetic``. A config
-            may set it to ``required`` to make the user give one (``experiments/custom_eval.yaml``).
+            may set it to ``required`` to make the user give one.
+        eps_255: if set, the image budget (1/255 units) of every attack of the list with one (PGD, the image parts
+            of Sep-Attack, Co-Attack and SGA, torchattacks adapters); each one's step scales with it
+            (:func:`~mat_lightning.attacks.base.with_budgets`: the ε grid's rule). A per-attack ``eps_255`` in
+            ``attacks`` keeps its own step instead.
+        max_words: if set, the word budget of every text attack of the list (BERT-Attack and the text parts).
+        output: also write ``results.json`` to this file (``mat eval --output``, as CLIP_benchmark's).
     """
 
     def __init__(
@@ -405,8 +411,13 @@ class RobustRetrievalEval(L.Callback):
         seed: int | None = None,
         mlm: str | None = None,
         caption_preprocess: str | None = None,
+        eps_255: float | None = None,
+        max_words: int | None = None,
+        output: str | None = None,
     ) -> None:
-        self.attacks = list(attacks or [])
+        check_budget_override(eps_255, max_words, "robust_eval")
+        self.eps_255, self.max_words, self.output = eps_255, max_words, output
+        self.attacks = [with_budgets(a, eps_255, max_words) for a in attacks or []]
         caption_preprocessor(caption_preprocess)  # a bad name fails at construction, before any training
         self.caption_preprocess = caption_preprocess
         if is_synthetic_name(mlm):
@@ -476,6 +487,8 @@ class RobustRetrievalEval(L.Callback):
             _check_writable(Path(self.export_dir), "robust_eval.export_dir (--export)")
         if trainer.is_global_zero:
             _check_writable(Path(trainer.default_root_dir), "the run folder (trainer.default_root_dir)")
+            if self.output is not None:
+                _check_writable(Path(self.output).parent, "the folder of robust_eval.output (--output)")
         if stage == "fit":
             n = sum(p.numel() for p in pl_module.parameters())
             trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -626,7 +639,11 @@ class RobustRetrievalEval(L.Callback):
             trainer.default_root_dir, self.payload(trainer, pl_module, rows, complete), figures=complete
         )
         if complete:
-            log.info("results written to %s", Path(trainer.default_root_dir) / "results.json")
+            written = Path(trainer.default_root_dir) / "results.json"
+            if self.output is not None:
+                atomic_write(Path(self.output), written.read_text())
+                written = Path(self.output)
+            log.info("results written to %s", written)
 
 
 def attack_config(attack: Attack) -> dict:
