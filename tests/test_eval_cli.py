@@ -17,6 +17,7 @@ import yaml
 from mat_lightning.attacks import PGD, BertAttack
 from mat_lightning.cli import MatCLI, main
 from mat_lightning.eval.robust import RobustRetrievalEval
+from mat_lightning.main import PAPERS_FIVE
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
@@ -67,14 +68,7 @@ def test_custom_eval_yaml_and_mat_eval_give_identical_rows(tmp_path, tiny_world,
     (yaml_run,) = (tmp_path / "yaml" / "custom_eval").glob("*")
     (eval_run,) = (tmp_path / "eval" / "eval_mat-tiny_custom").glob("*")
     from_yaml, from_eval = rows_without_time(yaml_run), rows_without_time(eval_run)
-    assert [r["attack"] for r in from_yaml] == [
-        "clean",
-        "pgd",
-        "bert_attack",
-        "sep_attack",
-        "co_attack",
-        "sga",
-    ]
+    assert [r["attack"] for r in from_yaml] == ["clean", *PAPERS_FIVE.split(",")]
     assert from_yaml == from_eval
     settings = [json.loads((run / "results.json").read_text())["attacks"] for run in (yaml_run, eval_run)]
     assert settings[0] == settings[1]
