@@ -168,12 +168,17 @@ def eval_attacks(names: str, dataset: str = "synthetic") -> list[dict]:
 class _Renamed(argparse.Action):
     """An option's old spelling (``--data-root``), hidden from the help: it still works, with one deprecation line."""
 
-    def __init__(self, option_strings, dest, new: str = "", **kwargs) -> None:
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
         super().__init__(option_strings, dest, **kwargs)
         self.new = new
 
+    # the front door parses mat eval's options twice (a check, then the run): say it once
+    said: set[str] = set()
+
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        print(f"mat eval: {option_string} is deprecated, use {self.new}", file=sys.stderr)
+        if option_string not in self.said:
+            self.said.add(option_string)
+            print(f"mat eval: {option_string} is deprecated, use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
@@ -245,20 +250,20 @@ def eval_parser() -> argparse.ArgumentParser:
         default=None,
         help="masked LM of the text attacks (default: the suite's: synthetic, or bert-base-uncased)",
     )
-    p.add_argument(
+    _add_renamed(
+        p,
         "--max_images",
         "--max-images",
-        action=_Renamed,
         type=int,
         default=None,
         help="the first N images only",
     )
     _add_renamed(p, "--batch_size", "--batch-size", type=int, default=None, help="images per batch")
     p.add_argument("--experiment", default=None, help="run name (default: eval_<model>_<dataset>[-<world>])")
-    p.add_argument(
+    _add_renamed(
+        p,
         "--run_root",
         "--run-root",
-        action=_Renamed,
         default="runs",
         help="where run folders go (default runs)",
     )

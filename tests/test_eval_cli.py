@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from mat_lightning.attacks import PGD, BertAttack
-from mat_lightning.cli import MatCLI, main
+from mat_lightning.cli import MatCLI
 from mat_lightning.eval.robust import RobustRetrievalEval
-from mat_lightning.main import PAPERS_FIVE
+from mat_lightning.main import PAPERS_FIVE, main
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
