@@ -62,6 +62,8 @@ _COMMON = [
     ("--robust_eval FILE", "the evaluation attacks (conf/attack/*.yaml)"),
     ("--robust_eval.eps_255_grid [1,2,4,8]", "every image attack over an ε grid as well"),
     ("--robust_eval.mlm FOLDER|NAME", "the masked LM of every text attack"),
+    ("--robust_eval.eps_255 E", "ε of every image attack (steps scale with it; README Budgets)"),
+    ("--robust_eval.max_words N", "the word budget of every text attack"),
     ("--trainer.accelerator cpu|gpu|auto", "and --trainer.devices N"),
     ("--print_config", "print the fully resolved config (a valid config file) and exit"),
 ]
@@ -76,6 +78,7 @@ SHORT_HELP = {
         + [
             ("--trainer.max_epochs N", "training length"),
             ("--model.lr LR", "and --model.weight_decay"),
+            ("--model.defense.eps_255 E", "ε of the training attack (and .max_words N: its words)"),
             ("--test_ckpt last|best", "test the final weights (default) or the best by clean recall"),
         ]
     ),
