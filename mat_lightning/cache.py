@@ -12,8 +12,10 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """The cache folder (not created)."""
-    return Path(os.environ.get("MAT_CACHE_DIR", Path.home() / ".cache" / "mat_lightning")).expanduser()
+    """The cache folder (not created). ``MAT_CACHE_DIR`` set but empty (``MAT_CACHE_DIR= mat ...``, an unset shell
+    variable in a script) counts as unset: it would otherwise name the working directory."""
+    value = os.environ.get("MAT_CACHE_DIR", "").strip()
+    return Path(value or Path.home() / ".cache" / "mat_lightning").expanduser()
 
 
 def is_cached(path: str | Path) -> bool:

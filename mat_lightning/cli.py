@@ -71,6 +71,73 @@ BASE_CONFIG = REPO_ROOT / "conf" / "base.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+#: Packages whose modules a config's ``class_path`` (or any import path in a value) may name. Importing a module runs
+#: its code before jsonargparse can check the type, so a config file could otherwise run any installed module's
+#: import-time code (``this.Foo`` printed the Zen of Python). Users add their own with ``MAT_TRUSTED_MODULES``.
+TRUSTED_MODULES = (
+    "mat_lightning",
+    "lightning",
+    "torch",
+    "torchvision",
+    "open_clip",
+    "transformers",
+    "torchattacks",
+    "textattack",
+)
+TRUSTED_ENV = "MAT_TRUSTED_MODULES"
+_trusted_extra: set[str] = set()  # what the environment added last time (withdrawn when it changes)
+_withdrawn: set[str] = set()  # denied again by name after the environment stopped naming them
+
+
+def restrict_imports() -> None:
+    """Only ``TRUSTED_MODULES`` and ``$MAT_TRUSTED_MODULES`` (comma-separated dot paths) are importable from values.
+
+    jsonargparse checks the path before importing it (its ``import_path_denylist``/``allowlist`` settings; they are
+    process-wide, so this is re-applied on every call and an entry the environment no longer names is denied again).
+    """
+    from jsonargparse import set_parsing_settings
+
+    raw = os.environ.get(TRUSTED_ENV, "")
+    extra = {m.strip() for m in raw.split(",") if m.strip()}
+    bad = sorted(
+        m for m in extra if not all(part.isidentifier() for part in m.split(".")) or m == "jsonargparse"
+    )
+    if bad:
+        raise ConfigError(
+            f"{TRUSTED_ENV}={raw!r}: {bad[0]!r} is not a module path; give comma-separated dot paths such as "
+            "mylab,mylab.attacks"
+        )
+    withdrawn = sorted(_trusted_extra - extra)
+    set_parsing_settings(
+        import_path_denylist=["*", *withdrawn], import_path_allowlist=[*TRUSTED_MODULES, *sorted(extra)]
+    )
+    _trusted_extra.clear()
+    _trusted_extra.update(extra)
+    _withdrawn.difference_update(extra)
+    _withdrawn.update(withdrawn)
+
+
+def _untrusted_import(message: str) -> str | None:
+    """jsonargparse's many-line union error for a denied import path, as one line saying how to allow it."""
+    found = re.search(r"Importing '([\w.]+)' is not allowed", message)
+    if found is None:
+        return None
+    path = found.group(1)
+    key = re.search(r'Parser key "([^"]+)"', message)
+    where = f"--{key.group(1)}: " if key else ""
+    entry = re.search(r"denied by the '([^']+)' entry", message)
+    if entry is not None and entry.group(1) not in (
+        "*",
+        *_withdrawn,
+    ):  # jsonargparse's own list: modules that run commands or code
+        return f"{where}{path!r} is never importable from a config: {entry.group(1)} can run commands or code"
+    return (
+        f"{where}{path!r} is not in a trusted package ({', '.join(TRUSTED_MODULES)}): a config may name only "
+        f"these, since importing a module runs its code. If you trust it: export {TRUSTED_ENV}="
+        f"{path.split('.')[0]}"
+    )
+
+
 class MatArgumentParser(LightningArgumentParser):
     """A parse error is one line (plus where to find the options), not 80 lines of usage above it."""
 
@@ -79,12 +146,14 @@ class MatArgumentParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
+        message = _untrusted_import(message) or message
         print(f"error: {message.strip()}\n(options: {prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 class MatCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, alias: str | None = None) -> None:
+        restrict_imports()  # before any value is parsed: a class_path names a trusted module or nothing is imported
         self.alias = alias  # the subcommand the user typed (robust-eval and eval run as test)
         self.run_dir: str | None = None  # set once the config is parsed
         self.started = time.time()
@@ -162,6 +231,8 @@ class MatCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         allow_tf32()
+        if cfg.trainer.default_root_dir:
+            check_not_a_run_folder(cfg.trainer.default_root_dir)
         run_dir = cfg.trainer.default_root_dir or agreed_run_dir(Path(cfg.run_root) / cfg.experiment)
         cfg.trainer.default_root_dir = self.run_dir = run_dir
         _quiet_lightning(cfg)
@@ -466,6 +537,25 @@ def agreed_run_dir(parent: Path) -> str:
     return str(run_dir)
 
 
+#: What marks a folder as a run's: a new run never writes into a folder holding one of these.
+RUN_FILES = ("config.yaml", "results.json", "results.csv", "checkpoints")
+
+
+def check_not_a_run_folder(folder: str) -> None:
+    """Refuse ``--trainer.default_root_dir`` naming an existing run's folder (its results and config would be
+    overwritten). Checked by the process that starts the run only: the processes Lightning's launcher starts after
+    it (``LOCAL_RANK`` > 0) and those of an external launcher (a requeued job reuses its folder) skip it."""
+    if launcher_run_id() is not None or int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return
+    found = [name for name in RUN_FILES if (Path(folder) / name).exists()]
+    if found:
+        raise ConfigError(
+            f"--trainer.default_root_dir={folder} is an existing run folder (it holds {', '.join(found)}): a new run "
+            "never writes into it. Give a new or empty folder, or leave the option out (each run gets its own "
+            "<run_root>/<experiment>/<time>/)"
+        )
+
+
 def launcher_run_id() -> str | None:
     """A name shared by every process that an external launcher started for one multi-process run, else None."""
     env = os.environ
@@ -648,6 +738,7 @@ def main(argv: list[str] | None = None) -> None:
     Interruption.reset()
     previous_handler = install_sigterm_handler()
     try:
+        restrict_imports()  # every subcommand's parser, data check's and augment's too
         _main(argv, from_command_line)
     except (SystemExit, KeyboardInterrupt) as e:
         if Interruption.signal is None and isinstance(e, KeyboardInterrupt):

@@ -281,3 +281,115 @@ def test_data_check_reads_a_1_by_20000_px_image_in_little_memory(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     grown_mb = int(proc.stdout.split("grown_mb")[-1])
     assert grown_mb < 128, f"peak memory grew by {grown_mb} MB"
+
+
+# -- 2c. a finished run folder is never written into --------------------------------------------------------------------
+
+
+def test_default_root_dir_naming_a_finished_run_is_refused(tmp_path, capfd):
+    """`--trainer.default_root_dir=<a finished run>` overwrote its results.json and config.yaml (exit 0)."""
+    run = tmp_path / "finished"
+    (run / "checkpoints").mkdir(parents=True)
+    files = {"config.yaml": "experiment: old\n", "results.json": '{"experiment": "old", "rows": []}'}
+    for name, text in files.items():
+        (run / name).write_text(text)
+    code, out = run_main(
+        ["test", *TINY, "--data.max_eval_images=4", f"--trainer.default_root_dir={run}"], capfd
+    )
+    assert_one_error(code, out, f"--trainer.default_root_dir={run}", "existing run folder", "config.yaml")
+    assert {name: (run / name).read_text() for name in files} == files
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "results.json"]
+
+
+def test_default_root_dir_may_name_a_new_or_empty_folder(tmp_path, capfd):
+    (tmp_path / "empty").mkdir()
+    code, out = run_main(
+        ["test", *TINY, "--data.max_eval_images=4", f"--trainer.default_root_dir={tmp_path / 'empty'}"], capfd
+    )
+    assert code == 0, out[-2000:]
+    assert (tmp_path / "empty" / "results.json").is_file() and (tmp_path / "empty" / "config.yaml").is_file()
+
+
+# -- 2d. MAT_CACHE_DIR set but empty ------------------------------------------------------------------------------------
+
+
+def test_empty_mat_cache_dir_means_the_default_cache_not_the_working_directory(tmp_path, capfd, monkeypatch):
+    """`MAT_CACHE_DIR= mat ...` built the world into the working directory (Path("") is ".")."""
+    shared = Path(__import__("os").environ["MAT_CACHE_DIR"]).resolve()
+    home = tmp_path / "home"
+    (home / ".cache").mkdir(parents=True)
+    (home / ".cache" / "mat_lightning").symlink_to(shared)  # the default cache: the already built tiny world
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MAT_CACHE_DIR", "")
+    monkeypatch.chdir(work)
+    from mat_lightning.cache import cache_dir
+
+    assert cache_dir() == home / ".cache" / "mat_lightning"
+    code, out = run_main(
+        ["test", *TINY, "--data.max_eval_images=4", f"--run_root={tmp_path / 'runs'}"], capfd
+    )
+    assert code == 0, out[-2000:]
+    assert list(work.iterdir()) == []
+
+
+# -- 2e. class_path imports: trusted packages only ----------------------------------------------------------------------
+
+USER_MODULE = """
+from pathlib import Path
+Path({mark!r}).write_text("import-time code ran")
+from mat_lightning.defenses import Clean
+
+
+class MyClean(Clean):
+    pass
+"""
+
+
+@pytest.fixture()
+def user_module(tmp_path, monkeypatch):
+    """A module with import-time code (it writes a file), on sys.path, holding a valid Defense subclass."""
+    mark = tmp_path / "imported"
+    name = f"mylab_{tmp_path.name.replace('-', '_')}"  # a fresh name per test: Python caches imported modules
+    (tmp_path / f"{name}.py").write_text(USER_MODULE.format(mark=str(mark)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name, mark
+
+
+@pytest.mark.parametrize("form", ["{name}.MyClean", "{{class_path: {name}.MyClean}}", "config"])
+def test_class_path_outside_trusted_packages_is_refused_before_import(
+    tmp_path, capfd, monkeypatch, user_module, form
+):
+    """Bug caught: jsonargparse imported the module (running its code: `this.Foo` printed the Zen of Python) before
+    it checked the type. Refused on the command line and in a --config file; nothing imported, one line."""
+    name, mark = user_module
+    monkeypatch.delenv("MAT_TRUSTED_MODULES", raising=False)
+    if form == "config":
+        (tmp_path / "c.yaml").write_text(f"model:\n  defense:\n    class_path: {name}.MyClean\n")
+        args = [f"--config={tmp_path / 'c.yaml'}"]
+    else:
+        args = ["--model.defense=" + form.format(name=name)]
+    code, out = run_main(["test", *TINY, f"--run_root={tmp_path / 'runs'}", *args], capfd)
+    assert_one_error(code, out, "--model.defense", f"{name}.MyClean", f"MAT_TRUSTED_MODULES={name}")
+    assert not mark.exists(), "the module's import-time code ran"
+
+
+def test_trusted_modules_opt_in_allows_a_users_module(tmp_path, capfd, monkeypatch, user_module):
+    name, mark = user_module
+    monkeypatch.setenv("MAT_TRUSTED_MODULES", f"other_lab, {name}")
+    code, out = run_main(["test", *TINY, f"--model.defense={name}.MyClean", "--print_config"], capfd)
+    assert code == 0, out[-2000:]
+    assert f"class_path: {name}.MyClean" in out and mark.exists()
+    monkeypatch.delenv("MAT_TRUSTED_MODULES")  # withdrawn again: the setting is process-wide in jsonargparse
+    code, out = run_main(["test", *TINY, f"--model.defense={name}.MyClean", "--print_config"], capfd)
+    assert_one_error(code, out, f"{name}.MyClean", "not in a trusted package")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("os.system", "never importable"), ("this.Foo", "trusted package")]
+)
+def test_dangerous_and_import_time_modules_are_never_imported(tmp_path, capfd, value, message):
+    code, out = run_main(["test", *TINY, f"--run_root={tmp_path}", f"--model.defense={value}"], capfd)
+    assert_one_error(code, out, value, message)
+    assert "Zen of Python" not in out
