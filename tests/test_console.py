@@ -240,14 +240,63 @@ def test_curves_show_only_measured_points():
     fig = curves_figure(rows, modalities={"pgd": "image", "bert_attack": "text", "sga": "multimodal"})
     ax_eps, ax_k = fig.axes
     lines = {line.get_label(): line for line in ax_eps.lines}
-    assert list(lines["pgd TR@1"].get_xdata()) == [2.0]  # one ε: a point, no line from ε = 0
-    assert list(lines["sga TR@1"].get_xdata()) == [2.0]
+    # one ε: a point, no line from ε = 0 (each attack shifted sideways by a small step, so equal values stay visible)
+    (pgd_x,) = lines["pgd TR@1"].get_xdata()
+    (sga_x,) = lines["sga TR@1"].get_xdata()
+    assert pgd_x == pytest.approx(2.0, abs=0.2) and sga_x == pytest.approx(2.0, abs=0.2) and pgd_x != sga_x
     dotted = next(label for label in lines if label.startswith("sga TR@1 from ε=0"))
     assert list(lines[dotted].get_ydata()) == [6, 2]  # from the text-only attack's TR@1 (5 + 1) to SGA's
     assert list(ax_k.get_xticks()) == [1, 5, 10]
     for ax in (ax_eps, ax_k):
-        assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1  # outside the data
+        assert ax.get_ylim()[0] < 0  # a marker at 0 % is drawn whole, not cut by the axis
+    # one legend, outside both panels, one entry per attack (not per curve) plus the line styles
+    (legend,) = fig.legends
+    fig.canvas.draw()
+    assert legend.get_window_extent().x0 >= ax_k.get_window_extent().x1
+    assert [t.get_text() for t in legend.get_texts()][:4] == ["clean", "pgd", "bert_attack", "sga"]
+    assert len(legend.get_texts()) <= 3 + 1 + 3  # clean, 3 attacks, TR, IR, the ε = 0 key
     plt.close(fig)
+
+
+def test_grid_rows_in_budget_order_and_title_names_the_weights(tmp_path, monkeypatch):
+    """Bug caught: an ε-grid run printing its configured budget first (ε = 2, 1, 4), and a starting-weights run
+    titled like a trained run of the same experiment (issue 21 item 7)."""
+    from mat_lightning.eval.report import format_results, rows_by_budget, write_results
+
+    def row(attack, eps):
+        return {
+            "attack": attack,
+            "eps_255": eps,
+            **{f"{d}_r{k}": 1.0 for d in ("tr", "ir") for k in (1, 5, 10)},
+        }
+
+    rows = [row("clean", 0.0), row("pgd", 2.0), row("pgd", 1.0), row("pgd", 4.0), row("bert_attack", None)]
+    assert [(r["attack"], r["eps_255"]) for r in rows_by_budget(rows)] == [
+        ("clean", 0.0),
+        ("pgd", 1.0),
+        ("pgd", 2.0),
+        ("pgd", 4.0),
+        ("bert_attack", None),
+    ]
+    table = format_results({"experiment": "x", "rows": rows})
+    assert [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| pgd")] == [
+        "1.0",
+        "2.0",
+        "4.0",
+    ]
+    write_results(tmp_path, {"experiment": "x", "rows": rows, "weights": "start"})
+    assert [line.split(",")[1] for line in (tmp_path / "results.csv").read_text().splitlines()[2:5]] == [
+        "1.0",
+        "2.0",
+        "4.0",
+    ]
+    from mat_lightning.eval import report
+
+    titles = []
+    monkeypatch.setattr(report, "plot_curves", lambda rows, out, title="", **kw: titles.append(title))
+    write_results(tmp_path, {"experiment": "x", "rows": rows, "weights": "start"})
+    write_results(tmp_path, {"experiment": "x", "rows": rows, "weights": "final"})
+    assert "starting" in titles[0] and "trained" in titles[-1]
 
 
 def test_wandb_config_has_no_junk_keys_and_the_run_gets_tags(tmp_path):

@@ -47,14 +47,32 @@ def write_results(run_dir: str | Path, payload: dict[str, Any], figures: bool = 
     every other file of the run is whole.
     """
     run_dir = Path(run_dir)
-    atomic_write(run_dir / "results.csv", results_csv(payload["rows"]))
+    atomic_write(run_dir / "results.csv", results_csv(rows_by_budget(payload["rows"])))
     if figures:
         title = f"{payload.get('experiment', '')} — {payload.get('dataset', '')} {payload.get('split', '')}"
+        if payload.get("weights"):  # a starting-weights run and a trained run of one experiment differ here
+            title += f" — weights: {_weights_label(payload['weights'])}"
         for fmt in ("png", "pdf"):
             buf = io.BytesIO()
             plot_curves(payload["rows"], buf, title=title, modalities=payload.get("modalities"), fmt=fmt)
             atomic_write(run_dir / f"curves.{fmt}", buf.getvalue())
     atomic_write(run_dir / "results.json", json.dumps(payload, indent=2))
+
+
+def _weights_label(weights: str) -> str:
+    """``start`` -> ``starting (no training)``; a checkpoint path by its file name."""
+    labels = {"start": "starting (no training)", "final": "final (trained)", "best": "best (trained)"}
+    return labels.get(weights, Path(weights).name)
+
+
+def rows_by_budget(rows: Sequence[dict]) -> list[dict]:
+    """Rows in run order of their attacks, each attack's rows by ascending ε (an ε grid runs the configured budget
+    first: 2, 1, 4 would otherwise be printed in that order); a text-only row (no ε) first."""
+    order = {name: i for i, name in enumerate(dict.fromkeys(r["attack"] for r in rows))}
+    return sorted(
+        rows,
+        key=lambda r: (order[r["attack"]], r.get("eps_255") is not None, r.get("eps_255") or 0.0),
+    )
 
 
 # -- the console table ------------------------------------------------------------------------------------------------
@@ -121,7 +139,7 @@ def format_results(payload: dict[str, Any], width: int = 80) -> str:
     title += "; recall@K in %"
     if payload.get("complete") is False:
         title += " — INCOMPLETE: the run stopped before its last attack"
-    table = format_table(header, [[row.get(c) for c in header] for row in rows], width=width)
+    table = format_table(header, [[row.get(c) for c in header] for row in rows_by_budget(rows)], width=width)
     return f"{title}\n\n{table}"
 
 
@@ -152,12 +170,16 @@ def curves_figure(rows: Sequence[dict], title: str = "", modalities: dict[str, s
 
     Only measured points are drawn: clean recall is a horizontal reference line, not a point at ε = 0; an attack
     measured at one ε is a marker, not a line. A multimodal attack's curve starts at ε = 0 from the text-only
-    attack of the run (its text part alone), drawn dotted and named in the legend. Legends sit outside the axes.
+    attack of the run (its text part alone), drawn dotted. When attacks win, several sit at 0-2 %: each attack's
+    points are shifted sideways by a small fixed step (the ticks mark the measured ε and K) and the y axis starts
+    below 0, so no marker hides another or is cut by the axis. One legend for both panels, outside them: a colour
+    per attack plus the line styles (TR solid / circles, IR dashed / squares), not one entry per curve.
     """
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     modalities = modalities or {}
     fig, (ax_eps, ax_k) = plt.subplots(1, 2, figsize=(12, 4.4))
@@ -166,19 +188,26 @@ def curves_figure(rows: Sequence[dict], title: str = "", modalities: dict[str, s
     text_only = next((r for r in rows if r["attack"] != "clean" and r.get("eps_255") is None), None)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {name: colours[i % len(colours)] for i, name in enumerate(attacks)}
+    measured = sorted({0.0, *(r["eps_255"] for r in rows if r.get("eps_255") is not None)})
+    span = max(measured[-1], 1.0)
+    # sideways step of each attack: centred on the measured value, 2.5 % of the axis per attack
+    rank = {name: i - (len(attacks) - 1) / 2 for i, name in enumerate(attacks)}
+    eps_shift = {name: r * 0.025 * span for name, r in rank.items()}
+    styles = {"tr": ("-", "o"), "ir": ("--", "s")}
     if clean is not None:
-        ax_eps.axhline(clean["tr_r1"], color="black", lw=1, label="clean TR@1")
-        ax_eps.axhline(clean["ir_r1"], color="black", lw=1, ls="--", label="clean IR@1")
+        ax_eps.axhline(clean["tr_r1"], color="black", lw=1)
+        ax_eps.axhline(clean["ir_r1"], color="black", lw=1, ls="--")
     for row in rows:  # text-only attacks perturb no pixel: a measured point at ε = 0
         if row["attack"] != "clean" and row.get("eps_255") is None:
-            for direction, marker in (("tr", "o"), ("ir", "s")):
+            for direction, (_, marker) in styles.items():
+                x = eps_shift[row["attack"]]
                 ax_eps.plot(
-                    [0.0],
+                    [x],
                     [row[f"{direction}_r1"]],
                     marker=marker,
                     ls="none",
                     color=colour[row["attack"]],
-                    label=f"{row['attack']} {direction.upper()}@1 (text only)",
+                    label=f"{row['attack']} {direction.upper()}@1 (text only)",  # names the curve, not in the legend
                 )
     for name in attacks:
         pts = sorted(
@@ -187,48 +216,58 @@ def curves_figure(rows: Sequence[dict], title: str = "", modalities: dict[str, s
         )
         if not pts:
             continue
-        c = colour[name]
-        for direction, style, marker in (("tr", "-", "o"), ("ir", "--", "s")):
-            eps = [r["eps_255"] for r in pts]
+        c, dx = colour[name], eps_shift[name]
+        for direction, (style, marker) in styles.items():
+            eps = [r["eps_255"] + dx for r in pts]
             values = [r[f"{direction}_r1"] for r in pts]
             ax_eps.plot(eps, values, ls=style, marker=marker, color=c, label=f"{name} {direction.upper()}@1")
-            if modalities.get(name) == "multimodal" and text_only is not None and eps[0] > 0:
+            if modalities.get(name) == "multimodal" and text_only is not None and pts[0]["eps_255"] > 0:
                 ax_eps.plot(
-                    [0.0, eps[0]],
+                    [dx, eps[0]],
                     [text_only[f"{direction}_r1"], values[0]],
                     ls=":",
                     marker=marker,
                     mfc="none",
                     color=c,
-                    label=f"{name} {direction.upper()}@1 from ε=0: {text_only['attack']} (text only)"
-                    if direction == "tr"
-                    else None,
+                    label=f"{name} {direction.upper()}@1 from ε=0: {text_only['attack']} (text only)",
                 )
     ax_eps.set_xlabel("ε (/255)")
     ax_eps.set_ylabel("recall@1 (%)")
     ax_eps.set_title("R@1 vs ε (text-only attacks at ε = 0)")
-    ax_eps.set_ylim(0, 100)
-    measured = sorted({0.0, *(r["eps_255"] for r in rows if r.get("eps_255") is not None)})
     ax_eps.set_xticks(measured)  # the budgets that were run
-    ax_eps.set_xlim(-0.05 * max(measured[-1], 1.0), 1.05 * max(measured[-1], 1.0))
+    ax_eps.set_xlim(-0.08 * span, 1.08 * span)
     ks = ks_of(rows)
+    k_shift = {name: r * 0.025 * max(ks[-1] - ks[0], 1) for name, r in rank.items()} | {"clean": 0.0}
     seen: set[str] = set()
     for row in rows:
         if row["attack"] in seen:  # first row of an attack is its configured budget
             continue
         seen.add(row["attack"])
         c = "black" if row["attack"] == "clean" else colour[row["attack"]]
-        ax_k.plot(ks, [row[f"tr_r{k}"] for k in ks], "-o", color=c, label=f"{row['attack']} TR")
-        ax_k.plot(ks, [row[f"ir_r{k}"] for k in ks], "--s", color=c, label=f"{row['attack']} IR")
+        x = [k + k_shift[row["attack"]] for k in ks]
+        for direction, (style, marker) in styles.items():
+            label = f"{row['attack']} {direction.upper()}"
+            ax_k.plot(
+                x, [row[f"{direction}_r{k}"] for k in ks], ls=style, marker=marker, color=c, label=label
+            )
     ax_k.set_xlabel("K")
     ax_k.set_xticks(ks)
     ax_k.set_ylabel("recall@K (%)")
     ax_k.set_title("R@K vs K (each attack at its configured ε)")
-    ax_k.set_ylim(0, 100)
     for ax in (ax_eps, ax_k):
+        ax.set_ylim(-4, 104)  # a marker at 0 % whole, not cut in half by the axis
         ax.grid(alpha=0.3)
-        if ax.lines:  # outside the axes: a legend never covers a curve
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    handles = [Line2D([], [], color="black", lw=1, label="clean")]
+    handles += [Line2D([], [], color=colour[name], lw=2, label=name) for name in attacks]
+    handles += [
+        Line2D([], [], color="grey", ls="-", marker="o", label="TR (image→text)"),
+        Line2D([], [], color="grey", ls="--", marker="s", label="IR (text→image)"),
+    ]
+    if any(modalities.get(n) == "multimodal" for n in attacks) and text_only is not None:
+        handles.append(
+            Line2D([], [], color="grey", ls=":", marker="o", mfc="none", label=f"ε=0: {text_only['attack']}")
+        )
+    fig.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
