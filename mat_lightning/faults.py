@@ -36,10 +36,11 @@ class Interruption:
 
     signal: str | None = None  # "SIGTERM" or "SIGINT"
     checkpoint: str | None = None  # the interrupted.ckpt written, if any
+    evaluation: str | None = None  # set when a robust evaluation stopped: what was kept and how to finish it
 
     @classmethod
     def reset(cls) -> None:
-        cls.signal, cls.checkpoint = None, None
+        cls.signal, cls.checkpoint, cls.evaluation = None, None, None
 
 
 class Terminated(SystemExit):
@@ -118,6 +119,8 @@ class ResumableFit(L.Callback):
 def interruption_message() -> str:
     """One line for the user after a signal stopped the run."""
     name = Interruption.signal or "a signal"
+    if Interruption.evaluation is not None:
+        return f"interrupted by {name} during the robust evaluation: {Interruption.evaluation}"
     saved = f"; the partial epoch is in {Interruption.checkpoint}" if Interruption.checkpoint else ""
     return (
         f"interrupted by {name}{saved}. Files written so far are complete; continue training from the last "

@@ -393,3 +393,51 @@ def test_dangerous_and_import_time_modules_are_never_imported(tmp_path, capfd, v
     code, out = run_main(["test", *TINY, f"--run_root={tmp_path}", f"--model.defense={value}"], capfd)
     assert_one_error(code, out, value, message)
     assert "Zen of Python" not in out
+
+
+# -- 2b. SIGTERM during a robust evaluation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["robust-eval", "fit"])
+def test_sigterm_during_robust_eval_stops_between_batches_and_keeps_the_finished_rows(
+    tmp_path, capfd, monkeypatch, command
+):
+    """Bug caught: the robust evaluation runs inside Lightning's on_test_epoch_end, where Lightning never checks for
+    SIGTERM: the signal waited until every remaining attack had run (54 s, 6 more rows) and the message said
+    "continue training ... --ckpt_path=last". PGD over an ε grid (3 rows) on 2 batches of 4 images; SIGTERM in the
+    third attacked batch (the first of ε = 1): status 143 at the next batch, results.json keeps clean + ε = 2."""
+    import os
+    import signal
+
+    from mat_lightning.attacks.base import Attack
+
+    calls = []
+    original = Attack.__call__
+
+    def call(self, *args, **kwargs):
+        calls.append(self.eps_255)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Attack, "__call__", call)
+    args = [command, *TINY, PGD, "--robust_eval.eps_255_grid=[1, 2, 4]", f"--run_root={tmp_path}"]
+    args += ["--data.max_eval_images=8", "--data.eval_batch_size=4"]
+    if command == "fit":
+        args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--data.batch_size=32"]
+    code, out = run_main(args, capfd)
+    (results,) = tmp_path.glob("*/*/results.json")
+    run = results.parent
+    hint = (
+        f"mat robust-eval --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}"
+        if command == "fit"
+        else "re-run the same command"
+    )
+    assert_one_error(
+        code, out, "SIGTERM", "robust evaluation", str(results), "2 finished rows", hint, status=143
+    )
+    assert "--ckpt_path=last" not in out
+    assert calls == [2, 2, 1]  # stopped before the second batch of ε = 1, not after ε = 4
+    payload = json.loads(results.read_text())
+    assert payload["complete"] is False
+    assert [(r["attack"], r["eps_255"]) for r in payload["rows"]] == [("clean", 0.0), ("pgd", 2.0)]

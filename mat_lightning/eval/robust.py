@@ -36,6 +36,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.auto import tqdm
 
 from mat_lightning.attacks.base import Attack, check_budget_override, with_budgets
@@ -55,6 +56,7 @@ from mat_lightning.eval import provenance, rerank
 from mat_lightning.eval.embeddings import EmbeddingBank
 from mat_lightning.eval.report import write_results
 from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_from_ranks
+from mat_lightning.faults import Interruption
 from mat_lightning.files import atomic_write
 from mat_lightning.models.encoder import VLEncoder, encoder_device
 
@@ -504,14 +506,14 @@ class RobustRetrievalEval(L.Callback):
             self.weights_sha256 = provenance.weights_sha256(pl_module.encoder.state_dict())
         self.rows = robust_retrieval(
             pl_module.encoder,
-            loader,
+            _StopBetweenBatches(loader, lambda: self._stop_on_sigterm(trainer)),
             self.attacks,
             self.eps_255_grid,
             self.ks,
             pl_module.device,
             self.progress and trainer.is_global_zero,
             self.export_dir,  # every rank writes its shard's images, rank 0 the index
-            on_row=lambda rows: self._write(trainer, pl_module, rows, complete=False),
+            on_row=lambda rows: self._write_partial(trainer, pl_module, rows),
             on_gallery=lambda gallery: setattr(self, "_gallery", gallery),
             caption_preprocess=self.caption_preprocess,
         )
@@ -538,6 +540,35 @@ class RobustRetrievalEval(L.Callback):
         if trainer.is_global_zero and wandb_loggers(trainer):
             payload = self.payload(trainer, pl_module, self.rows, True)
             log_robust_results(trainer, "test", payload, self.ks, self._examples(pl_module, loader))
+
+    def _write_partial(self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict]) -> None:
+        self.rows = list(rows)
+        self._write(trainer, pl_module, rows, complete=False)
+
+    def _stop_on_sigterm(self, trainer: L.Trainer) -> None:
+        """Before each batch: after a SIGTERM, stop (every rank at the same batch) keeping the finished rows.
+
+        Lightning checks for SIGTERM only between its own loop's batches, and the whole robust evaluation runs in
+        ``on_test_epoch_end``: without this a SIGTERM waited for every remaining attack.
+        """
+        received = bool(getattr(trainer, "received_sigterm", False)) or Interruption.signal == "SIGTERM"
+        if trainer.world_size > 1:
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        if not received:
+            return
+        run = Path(trainer.default_root_dir)
+        kept = f"{run / 'results.json'} keeps its {len(self.rows)} finished rows (complete: false)"
+        if self.subcommand == "fit":
+            again = (
+                f"training had finished: evaluate its weights with mat robust-eval --config {run / 'config.yaml'} "
+                f"--ckpt_path {run / 'checkpoints' / 'last.ckpt'}"
+            )
+        else:
+            again = (
+                "re-run the same command to evaluate again (a new run folder; it starts at the clean pass)"
+            )
+        Interruption.evaluation = f"{kept}; {again}" if self.rows else again
+        raise SIGTERMException()
 
     def _examples(self, pl_module: L.LightningModule, loader, n: int = 4) -> list[list]:
         """A few clean vs adversarial image-caption pairs per attack (first images of the split, first caption)."""
@@ -644,6 +675,21 @@ class RobustRetrievalEval(L.Callback):
                 atomic_write(Path(self.output), written.read_text())
                 written = Path(self.output)
             log.info("results written to %s", written)
+
+
+class _StopBetweenBatches:
+    """An evaluation loader that calls ``check()`` before handing out each batch (``check`` may raise to stop)."""
+
+    def __init__(self, loader, check: Callable[[], None]) -> None:
+        self.loader, self.check = loader, check
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.check()
+            yield batch
 
 
 def attack_config(attack: Attack) -> dict:
