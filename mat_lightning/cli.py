@@ -26,6 +26,7 @@ exit with status 2; SIGINT exits 130 and SIGTERM 143, after ``fit`` saved ``chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
@@ -281,6 +283,7 @@ class MatCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(ResumableFit())
+        trainer.callbacks[:] = [_on_stderr(cb) for cb in trainer.callbacks]
         return trainer
 
     # -- before Lightning loads a checkpoint, and what results.json says was tested -----------------------------------
@@ -385,6 +388,44 @@ def _fill_parts(spec: dict, mlm: str) -> bool:
         args[key] = {"class_path": path or f"{part.__module__}.{part.__name__}", "init_args": kwargs}
         filled = True
     return filled
+
+
+def _on_stderr(callback):
+    """Lightning's default progress bar (rich when installed, else tqdm) moved to stderr, and off when stderr is not
+    a terminal; any other callback unchanged."""
+    if type(callback) is TQDMProgressBar:
+        return StderrProgressBar()
+    if type(callback) is RichProgressBar:
+        return RichProgressBar(refresh_rate=1 if sys.stderr.isatty() else 0, console_kwargs={"stderr": True})
+    return callback
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's bars on stderr (stdout holds only the results table), and none when stderr is not a terminal:
+    tqdm's ``\r`` redraws would turn a log file into ``\r``-joined lines (the robust evaluation still reports each
+    attack there in plain lines, :mod:`mat_lightning.progress`)."""
+
+    def __init__(self) -> None:
+        super().__init__(refresh_rate=1 if sys.stderr.isatty() else 0)
+
+    def _on_stderr(self, make):
+        with contextlib.redirect_stdout(sys.stderr):  # Lightning passes file=sys.stdout, read at call time
+            return make()
+
+    def init_sanity_tqdm(self):
+        return self._on_stderr(super().init_sanity_tqdm)
+
+    def init_train_tqdm(self):
+        return self._on_stderr(super().init_train_tqdm)
+
+    def init_validation_tqdm(self):
+        return self._on_stderr(super().init_validation_tqdm)
+
+    def init_test_tqdm(self):
+        return self._on_stderr(super().init_test_tqdm)
+
+    def init_predict_tqdm(self):
+        return self._on_stderr(super().init_predict_tqdm)
 
 
 def allow_tf32() -> None:

@@ -18,6 +18,7 @@ LAYERS = {
     "losses": 0,
     "logging": 0,
     "faults": 0,
+    "progress": 0,
     "options": 0,  # reads the CLI classes' signatures from their source (ast), imports none of them
     "checkpoints": 0,
     "data": 1,

@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from tqdm.auto import tqdm
 
 from mat_lightning.attacks.base import Attack, check_budget_override, with_budgets
 from mat_lightning.attacks.objectives import Gallery
@@ -59,6 +58,7 @@ from mat_lightning.eval.retrieval import RetrievalRanks, attack_success, recall_
 from mat_lightning.faults import Interruption
 from mat_lightning.files import atomic_write
 from mat_lightning.models.encoder import VLEncoder, encoder_device
+from mat_lightning.progress import progress as progress_of
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _encode_split(
     exported: list[dict] = []
     staging = _staging(export) if export is not None else None
     total = len(loader) if hasattr(loader, "__len__") else None
-    for batch in tqdm(loader, desc=desc, total=total, disable=not progress, leave=False):
+    for batch in progress_of(loader, desc, total=total, enabled=progress):
         images, txt2img = batch.images.to(device), batch.txt2img.to(device)
         captions = batch.captions
         if attack is not None:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+
+from mat_lightning.progress import progress as progress_of
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def train_tiny_mlm(
     )
     special_ids = torch.tensor(tok.all_special_ids)
     model.train()
-    for _ in tqdm(
-        range(steps), desc="training the synthetic world's masked LM", disable=not progress, leave=False
+    for _ in progress_of(
+        range(steps), "training the synthetic world's masked LM", enabled=progress, unit="steps"
     ):
         batch = tok(
             [rng.choice(captions) for _ in range(batch_size)],

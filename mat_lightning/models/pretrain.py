@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mat_lightning.eval.retrieval import recall_at_k, similarity
 from mat_lightning.losses import contrastive_loss
 from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.progress import progress as progress_of
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,9 @@ def pretrain_clip(
     warmup = max(1, int(cfg.warmup_fraction * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, warmup))
     encoder.train()
-    bar = tqdm(
-        range(cfg.steps), desc="pretraining the synthetic world's CLIP", disable=not progress, leave=False
-    )
-    for _ in bar:
+    for _ in progress_of(
+        range(cfg.steps), "pretraining the synthetic world's CLIP", enabled=progress, unit="steps"
+    ):
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
         batch = images[idx].float().div_(255)
         texts = [rng.choice(captions[i]) for i in idx.tolist()]
@@ -98,7 +97,6 @@ def pretrain_clip(
         sched.step()
         with torch.no_grad():  # CLIP clamps the temperature at 100
             encoder.model.logit_scale.clamp_(0, math.log(100))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
     encoder.eval()
 
 
