@@ -66,7 +66,7 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
 CLI_COMMANDS = {
     "fit_help": ["fit", "--help"],
     "unknown_option": ["fit", "--config", "experiments/smoke.yaml", "--nope=1"],
-    "eval_missing_model": ["eval"],
+    "eval_missing_dataset": ["eval"],
 }
 
 

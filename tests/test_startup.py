@@ -63,7 +63,7 @@ def run_mat(*argv: str) -> dict:
         ),
         (["robust-eval", "--config", "experiments/smoke.yaml", "--model.lrr", "1"], 2, "--model.lrr"),
         (["fit", "--config", "experiments/nope.yaml"], 2, "experiments/nope.yaml: no such file"),
-        (["eval"], 2, "the following arguments are required: --model"),
+        (["eval"], 2, "the following arguments are required: --dataset"),
         (
             ["eval", "--model", "mat-tiny", "--pretrained", "synthetic", "--dataset", "synthetic", "--x.y=1"],
             2,
