@@ -20,7 +20,8 @@ One torch thread, interleaved repetitions, medians (the machine is shared):
    (:func:`bench_mat_step` says what the floor holds): ``mat_step_ratio``.
 7. Batched BertAttack vs the same attack assembled from TextAttack's components (50 synthetic-world captions): speed,
    % of captions where both changed the same word, and R@1 after each attack.
-8. ``mat`` start-up: ``mat fit --help``, an unknown option and ``mat eval`` without ``--model``, each a fresh process,
+8. ``mat`` start-up: ``mat fit --help``, an unknown option and ``mat eval`` without its required ``--dataset``,
+   each a fresh process,
    against importing the training stack (``import mat_lightning.cli``), which the front door no longer does for them:
    best and median seconds of each, and the ratio of the medians (``cli_startup``).
 9. ITM re-ranking sharded over processes (:mod:`benchmarks.rerank_scaling`, ``rerank_scaling``): a tiny BLIP on 64,
