@@ -8,6 +8,7 @@ the run's results table.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -35,7 +36,11 @@ def progress(
     if stream.isatty():
         from tqdm.auto import tqdm
 
-        yield from tqdm(items, desc=desc, total=total, leave=False, file=stream, unit=unit.rstrip("es"))
+        # one column short of the terminal: a bar exactly as wide wraps (tmux), and each redraw then lands on a new line
+        width = min(100, shutil.get_terminal_size((80, 24)).columns - 1)
+        yield from tqdm(
+            items, desc=desc, total=total, leave=False, file=stream, unit=unit.rstrip("es"), ncols=width
+        )
         return
     t0 = last = time.monotonic()
     done = 0
