@@ -123,7 +123,17 @@ def test_mat_help_lists_every_subcommand():
     assert proc.returncode == 0
     for name in ("fit", "validate", "test", "robust-eval", "eval", "data", "report", "augment", "transfer"):
         assert any(line.split()[:1] == [name] for line in proc.stdout.splitlines()), name
-    assert set(COMMANDS) == {"fit", "validate", "test", "robust-eval", "eval", "data", "report", "augment", "transfer"}
+    assert set(COMMANDS) == {
+        "fit",
+        "validate",
+        "test",
+        "robust-eval",
+        "eval",
+        "data",
+        "report",
+        "augment",
+        "transfer",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "mat_lightning", "robust-eval", "--help"],
         capture_output=True,

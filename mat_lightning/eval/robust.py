@@ -551,7 +551,9 @@ class RobustRetrievalEval(L.Callback):
         Lightning checks for SIGTERM only between its own loop's batches, and the whole robust evaluation runs in
         ``on_test_epoch_end``: without this a SIGTERM waited for every remaining attack.
         """
-        received = bool(getattr(trainer, "received_sigterm", False))  # Lightning's handler, reset by every run
+        received = bool(
+            getattr(trainer, "received_sigterm", False)
+        )  # Lightning's handler, reset by every run
         if trainer.world_size > 1:
             received = trainer.strategy.reduce_boolean_decision(received, all=False)
         if not received:

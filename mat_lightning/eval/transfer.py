@@ -95,7 +95,8 @@ def run(argv: list[str], evaluate: Callable[[list[str]], None]) -> Path:
     ]
     results = {}
     for label, config, ckpt in targets:
-        experiment = "transfer_" + "".join(c if c.isalnum() or c == "_" else "_" for c in label)
+        safe = "".join(c if c.isalnum() or c == "_" else "_" for c in label)
+        experiment = safe if safe.startswith("transfer_") else f"transfer_{safe}"
         evaluate(
             [
                 "robust-eval",

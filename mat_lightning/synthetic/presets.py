@@ -52,6 +52,13 @@ PRESETS: dict[str, Preset] = {
         PretrainConfig(model_name="mat-tiny-rn"),
         notes="3000/200/200 images of 3-5 objects; tiny ResNet CLIP (mat-tiny-rn) 700 steps",
     ),
+    # The default world seen by the tiny ResNet CLIP of `cnn`: a second architecture on the same images and captions,
+    # for transfer tables (README "Transfer"); its world and masked LM are the default's (same cache entries).
+    "default-rn": Preset(
+        WorldConfig(),
+        PretrainConfig(model_name="mat-tiny-rn"),
+        notes="the default world; tiny ResNet CLIP (mat-tiny-rn) 700 steps",
+    ),
     # Tests: small enough to build in seconds, good enough that attacks visibly lower recall.
     "tiny": Preset(
         WorldConfig(seed=1, n_train=384, n_val=32, n_test=32),
