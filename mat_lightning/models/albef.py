@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from mat_lightning.errors import ConfigError
 from mat_lightning.models.encoder import VLEncoder, local_model, require_local_or_online
-from mat_lightning.models.hf import CLIP_MEAN, CLIP_STD
+from mat_lightning.models.hf import CLIP_MEAN, CLIP_STD, _HFEncoder
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +227,8 @@ class AlbefRetrievalEncoder(VLEncoder):
 
     # -- the VLEncoder contract ---------------------------------------------------------------------------------------
 
-    def pixels(self, images: Tensor) -> Tensor:
-        """[0, 1] images of any size -> normalised ``float[B, 3, S, S]`` (S = ``image_size``), differentiably."""
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(
-                images, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False
-            ).clamp(0, 1)
-        return (images - self.image_mean) / self.image_std
+    # [0, 1] images of any size -> normalised float[B, 3, S, S]: the HF encoders' bicubic resize and mean/std
+    pixels = _HFEncoder.pixels
 
     def tokenize(self, texts: Sequence[str], pad_to_max_length: bool = False) -> tuple[Tensor, Tensor]:
         """``[CLS] X`` (no [SEP]), truncated to ``max_length``, padded to the longest (or to ``max_length``, as
