@@ -9,6 +9,9 @@ import pytest
 from mat_lightning.cli import main
 from mat_lightning.eval.table import build_table
 
+# The table's columns for runs evaluated clean and under PGD (what write_run writes).
+REPORT_COLUMNS = ["experiment", "n", "seeds", "n_images", "clean TR@1", "clean IR@1", "pgd TR@1", "pgd IR@1"]
+
 
 def write_run(folder, experiment, seed, tr1, pgd_tr1, **fields):
     folder.mkdir(parents=True)
@@ -31,16 +34,7 @@ def test_mean_and_std_over_seeds(tmp_path, capsys):
     header, rows, records = build_table(
         [json.loads(p.read_text()) | {"_path": str(p)} for p in sorted(tmp_path.glob("[ab]/*/results.json"))]
     )
-    assert header == [
-        "experiment",
-        "n",
-        "seeds",
-        "n_images",
-        "clean TR@1",
-        "clean IR@1",
-        "pgd TR@1",
-        "pgd IR@1",
-    ]
+    assert header == REPORT_COLUMNS
     by_name = {r[0]: r for r in rows}
     assert by_name["mat"][1:] == ["2", "0-1", "200", "62.0 ± 2.8", "52.0 ± 2.8", "32.0 ± 2.8", "27.0 ± 2.8"]
     assert by_name["clean"][1:] == ["1", "0", "200", "70.0", "60.0", "20.0", "15.0"]
@@ -76,16 +70,7 @@ def test_report_logs_the_table_to_an_offline_wandb_run(tmp_path, monkeypatch):
     (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
     (table_file,) = run_dir.glob("files/media/table/report/table_*.table.json")
     table = json.loads(table_file.read_text())
-    assert table["columns"] == [
-        "experiment",
-        "n",
-        "seeds",
-        "n_images",
-        "clean TR@1",
-        "clean IR@1",
-        "pgd TR@1",
-        "pgd IR@1",
-    ]
+    assert table["columns"] == REPORT_COLUMNS
     assert table["data"] == [
         ["mat", "2", "0-1", "200", "62.0 ± 2.8", "52.0 ± 2.8", "32.0 ± 2.8", "27.0 ± 2.8"]
     ]
