@@ -285,11 +285,16 @@ class AlbefRetrievalEncoder(VLEncoder):
         """ITM logit of "match" for aligned pairs: vision_states float[P, N, C], P captions -> float[P].
 
         Captions are padded to ``max_length`` (ALBEF's evaluation does), so a pair's score does not depend on the
-        other pairs of its batch, nor on how many processes share the re-ranking.
+        other pairs of its batch, nor on how many processes share the re-ranking. The text layers run once per
+        distinct caption (a caption query's top-k pairs repeat it k times), as ALBEF computes them once per caption.
         """
-        ids, mask = self.tokenize(captions, pad_to_max_length=True)
+        unique = list(dict.fromkeys(captions))
+        row = {c: i for i, c in enumerate(unique)}
+        ids, mask = self.tokenize(unique, pad_to_max_length=True)
+        index = torch.tensor([row[c] for c in captions], device=ids.device)
+        text = self.text_encoder.text(ids, mask)[index]
         states = vision_states.to(self.image_mean.device, self.itm_head.weight.dtype)
-        fused = self.text_encoder.fusion(self.text_encoder.text(ids, mask), mask, states)
+        fused = self.text_encoder.fusion(text, mask[index], states)
         return self.itm_head(fused[:, 0])[:, 1].float()
 
     @staticmethod
