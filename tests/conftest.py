@@ -89,3 +89,15 @@ def flickr_test_json(request) -> Path:
             "the same test ran on the committed captions"
         )
     return FLICKR_TEST
+
+
+@pytest.fixture(scope="session")
+def flickr_mlm(flickr_test_json, tmp_path_factory):
+    """A tiny MLM with a WordPiece vocabulary from real Flickr30K captions (multi-sub-word words occur)."""
+    from mat_lightning.data.formats import read_annotations
+    from mat_lightning.models.mlm import train_tiny_mlm
+
+    captions = [c for r in read_annotations(flickr_test_json, "/") for c in r.captions]
+    return train_tiny_mlm(
+        captions, tmp_path_factory.mktemp("flickr_mlm"), steps=20, batch_size=32, progress=False
+    ), captions

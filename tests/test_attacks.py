@@ -267,18 +267,6 @@ def test_candidates_skip_stop_words_subwords_and_the_word_itself(position_mlm, t
     assert all("##" not in w and "[" not in w for w in adv_words)
 
 
-@pytest.fixture(scope="module")
-def flickr_mlm(flickr_test_json, tmp_path_factory):
-    """A tiny MLM with a WordPiece vocabulary from real Flickr30K captions (multi-sub-word words occur)."""
-    from mat_lightning.data.formats import read_annotations
-    from mat_lightning.models.mlm import train_tiny_mlm
-
-    captions = [c for r in read_annotations(flickr_test_json, "/") for c in r.captions]
-    return train_tiny_mlm(
-        captions, tmp_path_factory.mktemp("flickr_mlm"), steps=20, batch_size=32, progress=False
-    ), captions
-
-
 def test_bert_attack_on_real_captions(flickr_mlm, tiny_encoder):
     folder, captions = flickr_mlm
     from transformers import AutoTokenizer
@@ -584,7 +572,9 @@ def test_multi_subword_candidates_as_the_reference(flickr_mlm, tiny_encoder):
     prep = attack.prepare_captions(tiny_encoder, sample)
     pending = [(t, j) for t in range(len(sample)) for j in prep.combos[t]]
     assert len(pending) > 10
-    attack._rank_combinations(prep, pending)  # what the lazy search would rank, all at once
+    attack._rank_combinations(
+        prep.words, prep.candidates, prep.combos, pending
+    )  # what the lazy search would rank, all at once
     spaced = 0
     for t, j in pending:
         words = sample[t].split(" ")
@@ -678,6 +668,11 @@ def test_lazy_perplexity_ranking_equals_eager(flickr_mlm, tiny_encoder):
     n_pending = sum(len(c) for c in lazy.combos)
     lazy_out = attack.perturb(tiny_encoder, sample, t2i, "image_cosine", guide, prepared=lazy)
     eager = attack.prepare_captions(tiny_encoder, sample)
-    attack._rank_combinations(eager, [(t, j) for t in range(len(sample)) for j in list(eager.combos[t])])
+    attack._rank_combinations(
+        eager.words,
+        eager.candidates,
+        eager.combos,
+        [(t, j) for t in range(len(sample)) for j in list(eager.combos[t])],
+    )
     assert attack.perturb(tiny_encoder, sample, t2i, "image_cosine", guide, prepared=eager) == lazy_out
     assert 0 < sum(len(c) for c in lazy.combos) < n_pending  # some words were ranked, not all

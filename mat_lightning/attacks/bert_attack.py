@@ -51,10 +51,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import itertools
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
@@ -64,6 +67,7 @@ from torch import Tensor
 from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.reference import REFERENCE_STOP_WORDS, join_pieces, text_view
 from mat_lightning.attacks.stopwords import STOP_WORDS
+from mat_lightning.attacks.store import CandidateStore, CaptionPlan, takes_token_ids
 from mat_lightning.cache import corrupt_cache_hint, is_cached
 from mat_lightning.errors import ConfigError, NonFiniteError, is_synthetic_name, unresolved_synthetic_name
 from mat_lightning.models.encoder import VLEncoder, encoder_device, local_model, require_local_or_online
@@ -135,6 +139,9 @@ class PreparedCaptions:
         order: per caption, the attackable words, most important first.
         candidates: per caption, word index -> substitutes; filled lazily for multi-sub-word words.
         combos: per caption, word index -> sub-word id combinations awaiting perplexity ranking.
+        variant_words: per caption, the words whose importance is measured (their ``[UNK]`` variant encoded).
+        plan: the candidate store's entries of these captions (:mod:`~mat_lightning.attacks.store`), if any.
+        use_ids: whether texts are encoded from the plan's token ids (the encoder takes them).
     """
 
     captions: list[str]
@@ -143,6 +150,13 @@ class PreparedCaptions:
     order: list[list[int]]
     candidates: list[dict[int, list[str]]]
     combos: list[dict[int, list[tuple[int, ...]]]]
+    variant_words: list[list[int]] = field(default_factory=list)
+    plan: CaptionPlan | None = None
+    use_ids: bool = False
+
+    def row(self, table: dict, key: Any) -> int | None:
+        """The plan's row of ``key`` in ``table`` when the encoder reads the plan's token ids, else None."""
+        return table.get(key) if self.use_ids else None
 
 
 class BertAttack(Attack):
@@ -233,6 +247,8 @@ class BertAttack(Attack):
         self.text_batch_size, self.mlm_batch_size = text_batch_size, mlm_batch_size
         self._mlm: tuple[Any, Any] | None = None
         self._special: frozenset[str] = frozenset()
+        self.store: CandidateStore | None = None  # attach_store(); looked up for every batch
+        self._plan: CaptionPlan | None = None  # a batch's entries prepared by the DataLoader (planned())
 
     def as_reference(self, max_length: int) -> BertAttack:
         """A copy in reference mode at ``max_length`` (the references' stop list unless custom stop words were set)."""
@@ -275,6 +291,97 @@ class BertAttack(Attack):
         """The settings this attack never reads: the MLM's when a ``candidate_generator`` proposes substitutes
         (``results.json`` records the settings an attack really used)."""
         return self.MLM_SETTINGS if self.candidate_generator is not None else ()
+
+    # -- the candidate store (attacks/store.py) ------------------------------------------------------------------------
+
+    def store_settings(self) -> dict[str, Any]:
+        """The settings that shape the model-independent work (a candidate store's key): not ``max_words``,
+        ``objective`` or the batch sizes, which a store serves whatever their values."""
+        stop = hashlib.sha256("\n".join(sorted(self.stop_words)).encode()).hexdigest()[:16]
+        return {
+            "top_k": self.top_k,
+            "max_length": self.max_length,
+            "threshold_pred_score": self.threshold_pred_score,
+            "legacy_offset": self.legacy_offset,
+            "reference": self.reference,
+            "bpe_top": self.bpe_top,
+            "bpe_max_combinations": self.bpe_max_combinations,
+            "max_subwords": self.max_subwords,
+            "stop_words": stop,
+            "unk_token": self.unk_token,
+        }
+
+    def mlm_identity(self) -> str | None:
+        """What identifies the masked LM: the content hash of a local folder's files, or a hub name with the
+        revision loaded; None for a model given in memory (:meth:`from_mlm`)."""
+        if self.mlm == "<in-memory>":
+            return None
+        path = resolve_mlm(self.mlm)
+        if Path(path).is_dir():
+            return _folder_sha256(str(Path(path).resolve()))
+        model, _ = self.mlm_and_tokenizer(torch.device("cpu"))
+        return f"{self.mlm}@{getattr(model.config, '_commit_hash', None)}"
+
+    def attach_store(self, store: CandidateStore | None) -> None:
+        """Look captions up in ``store`` (built for this attack's settings) instead of running the MLM on them."""
+        if store is not None and store.meta["settings"] != self.store_settings():
+            raise ConfigError(f"{self.name}: {store} was built for other attack settings")
+        self.store = store
+
+    @contextmanager
+    def planned(self, plan: CaptionPlan | None) -> Iterator[None]:
+        """Within the block, captions are prepared from ``plan`` (the store's entries a DataLoader worker looked
+        up for this batch) when it holds them."""
+        previous, self._plan = self._plan, plan
+        try:
+            yield
+        finally:
+            self._plan = previous
+
+    def _plan_for(self, captions: list[str]) -> CaptionPlan | None:
+        if (
+            self._plan is not None
+            and self._plan.captions == captions
+            and (self.store is None or self._plan.key == self.store.key)
+        ):
+            return self._plan
+        return self.store.plan(captions) if self.store is not None else None
+
+    def variant_text(self, words: list[str], j: int) -> str:
+        """The caption with word ``j`` replaced by the unknown token (its importance probe)."""
+        return " ".join(words[:j] + [self.unk_token] + words[j + 1 :])
+
+    @staticmethod
+    def candidate_text(words: list[str], j: int, substitute: str) -> str:
+        """The caption with word ``j`` replaced by ``substitute``."""
+        left, right = " ".join(words[:j]), " ".join(words[j + 1 :])
+        return " ".join(p for p in (left, substitute, right) if p)
+
+    def encoder_view(self, texts: Sequence[str], device: torch.device | str = "cpu") -> list[str]:
+        """The texts as the text encoder reads them: as given, or in reference mode their
+        :func:`~mat_lightning.attacks.reference.text_view`."""
+        if not self.reference:
+            return list(texts)
+        return text_view(self.mlm_and_tokenizer(torch.device(device))[1], texts, self.max_length)
+
+    def candidate_entries(
+        self, captions: list[str], device: torch.device | str
+    ) -> tuple[list[list[str]], list[list[int]], list[dict[int, list[str]]]]:
+        """The model-independent work on ``captions``, done eagerly (a store's build): per caption its words, the
+        words whose importance is measured, and each such word's substitutes in rank order."""
+        words = [c.split(" ") for c in captions]
+        candidates: list[dict[int, list[str]]] = [{} for _ in captions]
+        combos: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in captions]
+        self._mlm_candidates(words, candidates, combos, torch.device(device))
+        variants = [_variant_words(c, k, len(ws)) for c, k, ws in zip(candidates, combos, words, strict=True)]
+        pending = [(t, j) for t, k in enumerate(combos) for j in sorted(k)]
+        if pending:
+            self._rank_combinations(words, candidates, combos, pending)
+        return (
+            words,
+            variants,
+            [{j: c.get(j, []) for j in v} for c, v in zip(candidates, variants, strict=True)],
+        )
 
     def prepare(self, device: torch.device | str) -> None:
         if self.candidate_generator is None:
@@ -357,7 +464,9 @@ class BertAttack(Attack):
             active = [t for t in range(len(captions)) if changes[t] < self.max_words]
             self._advance_to_words_with_candidates(prep, active, cursor)
             # One greedy round for every caption that still has budget and words: its next word's candidates.
-            texts, owners, subs, keep_rows = [], [], [], []
+            texts: list[str | None] = []
+            rows: list[int | None] = []
+            owners, subs, keep_rows = [], [], []
             for t in active:
                 if cursor[t] >= len(prep.order[t]):
                     continue
@@ -365,9 +474,15 @@ class BertAttack(Attack):
                 keep_rows.append(len(owners))  # candidate 0: keep the current caption
                 owners.append(t)
                 subs.append((j, None))
-                left, right = " ".join(words[t][:j]), " ".join(words[t][j + 1 :])
-                for cand in prep.candidates[t][j]:
-                    texts.append(" ".join(p for p in (left, cand, right) if p))
+                # stored ids hold the one-word changes of the original caption
+                start = prep.row(prep.plan.candidate_row, (t, j)) if changes[t] == 0 and prep.plan else None
+                for k, cand in enumerate(prep.candidates[t][j]):
+                    if start is None:
+                        texts.append(self.candidate_text(words[t], j, cand))
+                        rows.append(None)
+                    else:
+                        texts.append(None)
+                        rows.append(start + k)
                     owners.append(t)
                     subs.append((j, cand))
             if not owners:
@@ -377,7 +492,7 @@ class BertAttack(Attack):
             is_keep[keep_rows] = True
             emb = current_emb[owner]
             if texts:
-                emb[~is_keep] = self.encode(encoder, texts).to(emb.device)
+                emb[~is_keep] = self._encode(encoder, prep, texts, rows).to(emb.device)
             if objective == "image_cosine":
                 score = -(emb * guide.to(emb.device)[owner]).sum(dim=-1)
             else:
@@ -401,24 +516,89 @@ class BertAttack(Attack):
 
     @torch.no_grad()
     def prepare_captions(self, encoder: VLEncoder, captions: list[str]) -> PreparedCaptions:
-        """Split into words and sub-words, MLM candidates (one batched pass), word importance (one encoder pass)."""
+        """Words, candidates and word importance of ``captions``.
+
+        Captions the candidate store holds (a DataLoader worker's plan of the batch, or the attached store) take
+        their words' substitutes and token ids from it; the others are split into words and sub-words and get MLM
+        candidates (one batched pass). Then the embeddings of the captions and of their ``[UNK]`` variants (word
+        importance, one encoder pass).
+        """
         device = encoder_device(encoder)  # a duck-typed encoder may have no parameters (DESIGN §4)
+        plan = self._plan_for(captions)
         words = [c.split(" ") for c in captions]
         candidates: list[dict[int, list[str]]] = [{} for _ in captions]
         combos: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in captions]
-        if self.candidate_generator is not None:
-            for t, ws in enumerate(words):
-                for j, w in enumerate(ws):
-                    if self._attackable(w):
-                        candidates[t][j] = self._filter(
-                            w, self.candidate_generator.candidates(ws, j, self.top_k)
-                        )
-        else:
-            self._mlm_candidates(words, candidates, combos, device)
-        orig_emb = self.encode(encoder, captions)
-        prep = PreparedCaptions(list(captions), orig_emb, words, [[] for _ in captions], candidates, combos)
+        variant_words: list[list[int]] = [[] for _ in captions]
+        found = plan.found if plan is not None else [False] * len(captions)
+        for t in range(len(captions)):
+            if found[t]:
+                candidates[t] = dict(plan.candidates[t])
+                variant_words[t] = plan.variant_words[t]
+        missing = [t for t in range(len(captions)) if not found[t]]
+        if missing:
+            sub_words = [words[t] for t in missing]
+            sub_cands: list[dict[int, list[str]]] = [{} for _ in missing]
+            sub_combos: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in missing]
+            if self.candidate_generator is not None:
+                for i, ws in enumerate(sub_words):
+                    for j, w in enumerate(ws):
+                        if self._attackable(w):
+                            sub_cands[i][j] = self._filter(
+                                w, self.candidate_generator.candidates(ws, j, self.top_k)
+                            )
+            else:
+                self._mlm_candidates(sub_words, sub_cands, sub_combos, device)
+            for i, t in enumerate(missing):
+                candidates[t], combos[t] = sub_cands[i], sub_combos[i]
+                variant_words[t] = _variant_words(sub_cands[i], sub_combos[i], len(words[t]))
+        use_ids = plan is not None and plan.ids is not None and takes_token_ids(encoder)
+        prep = PreparedCaptions(
+            list(captions),
+            torch.empty(0),
+            words,
+            [[] for _ in captions],
+            candidates,
+            combos,
+            variant_words,
+            plan,
+            use_ids,
+        )
+        prep.orig_emb = self._encode(
+            encoder,
+            prep,
+            list(captions),
+            [prep.row(plan.caption_row, t) if plan else None for t in range(len(captions))],
+        )
         self._rank_words(encoder, prep)
         return prep
+
+    def _encode(
+        self, encoder: VLEncoder, prep: PreparedCaptions, texts: list[str | None], rows: list[int | None]
+    ) -> Tensor:
+        """float32[T, D] embeddings of ``texts``; a text given as None is row ``rows[i]`` of the plan's token ids.
+
+        With token ids the encoder gets, chunk by chunk, exactly the ids ``encode`` would tokenise (the store holds
+        the tokenizer's output), so the embeddings are the same.
+        """
+        if not prep.use_ids or all(r is None for r in rows):
+            return self.encode(encoder, texts)
+        plan = prep.plan
+        width = plan.context_length
+        ids = torch.zeros(len(texts), width, dtype=torch.long)
+        stored = [i for i, r in enumerate(rows) if r is not None]
+        part = plan.ids[torch.tensor([rows[i] for i in stored])]
+        ids[torch.tensor(stored), : part.shape[1]] = part
+        fresh = [i for i, r in enumerate(rows) if r is None]
+        if fresh:
+            view = self.encoder_view([texts[i] for i in fresh], encoder_device(encoder))
+            ids[torch.tensor(fresh)] = encoder.tokenize(view).cpu()
+        device = encoder_device(encoder)
+        return torch.cat(
+            [
+                encoder.encode_text_ids(ids[i : i + self.text_batch_size].to(device)).float()
+                for i in range(0, len(texts), self.text_batch_size)
+            ]
+        )
 
     def _mlm_candidates(
         self,
@@ -502,17 +682,23 @@ class BertAttack(Attack):
                     cursor[t] += 1
             if not pending:
                 return
-            self._rank_combinations(prep, pending)
+            self._rank_combinations(prep.words, prep.candidates, prep.combos, pending)
 
-    def _rank_combinations(self, prep: PreparedCaptions, pending: list[tuple[int, int]]) -> None:
+    def _rank_combinations(
+        self,
+        words: list[list[str]],
+        candidates: list[dict[int, list[str]]],
+        combos: list[dict[int, list[tuple[int, ...]]]],
+        pending: list[tuple[int, int]],
+    ) -> None:
         """Candidates of multi-sub-word words: their combinations ranked by MLM perplexity (one batched pass)."""
         model, tok = self._mlm
         device = next(model.parameters()).device
-        flat = [c for t, j in pending for c in prep.combos[t][j]]
+        flat = [c for t, j in pending for c in combos[t][j]]
         ppl = _perplexity(model, flat, self.mlm_batch_size, device)
         pos = 0
         for t, j in pending:
-            word_combos = prep.combos[t].pop(j)
+            word_combos = combos[t].pop(j)
             scores = ppl[pos : pos + len(word_combos)]
             pos += len(word_combos)
             ranked = [word_combos[i] for i in torch.argsort(scores, stable=True).tolist()]
@@ -520,7 +706,7 @@ class BertAttack(Attack):
             width = len(ranked[0])  # every combination of a word has one token per sub-word
             join = join_pieces if self.reference else tok.convert_tokens_to_string
             texts = [join(tokens[k : k + width]) for k in range(0, len(tokens), width)]
-            prep.candidates[t][j] = self._filter(prep.words[t][j], texts)
+            candidates[t][j] = self._filter(words[t][j], texts)
 
     def _attackable(self, word: str) -> bool:
         if self.reference:
@@ -546,15 +732,18 @@ class BertAttack(Attack):
     def _rank_words(self, encoder: VLEncoder, prep: PreparedCaptions) -> None:
         """Importance of every attackable word with (possible) candidates: KL of the embedding when it becomes
         ``[UNK]``. Sets ``prep.order``."""
-        variants, where = [], []
+        variants: list[str | None] = []
+        rows: list[int | None] = []
+        where = []
         for t, ws in enumerate(prep.words):
-            for j in range(len(ws)):
-                if prep.candidates[t].get(j) or j in prep.combos[t]:
-                    variants.append(" ".join(ws[:j] + [self.unk_token] + ws[j + 1 :]))
-                    where.append((t, j))
+            for j in prep.variant_words[t]:
+                row = prep.row(prep.plan.variant_row, (t, j)) if prep.plan else None
+                variants.append(self.variant_text(ws, j) if row is None else None)
+                rows.append(row)
+                where.append((t, j))
         if not variants:
             return
-        emb = self.encode(encoder, variants)
+        emb = self._encode(encoder, prep, variants, rows)
         rows = torch.tensor([t for t, _ in where], device=emb.device)
         importance = _kl_rows(emb, prep.orig_emb.to(emb.device)[rows])
         by_caption: dict[int, list[tuple[float, int]]] = {}
@@ -562,6 +751,24 @@ class BertAttack(Attack):
             by_caption.setdefault(t, []).append((s, j))
         for t, scored in by_caption.items():
             prep.order[t] = [j for _, j in sorted(scored, key=lambda x: (-x[0], x[1]))]
+
+
+def _variant_words(candidates: dict[int, list[str]], combos: dict[int, Any], n_words: int) -> list[int]:
+    """The words whose importance is measured: those with substitutes or with combinations still to rank."""
+    return [j for j in range(n_words) if candidates.get(j) or j in combos]
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_sha256(folder: str) -> str:
+    """Content hash of the files of a model folder (names and bytes, hidden files skipped)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            h.update(str(path.relative_to(folder)).encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def _kl_rows(emb: Tensor, target: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ checkpoint file (such as the synthetic world's cached tiny CLIP, which the ``mat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -291,8 +292,28 @@ class OpenClipEncoder(VLEncoder):
         rows[used] = torch.tensor(flat, dtype=torch.long)
         return rows.to(self.image_mean.device)
 
+    @property
+    def text_tokenizer_key(self) -> str:
+        """What identifies this encoder's tokenizer (the key of a text attack's stored token ids, ``attacks/store``):
+        its class, context length and a hash of its vocabulary and merges."""
+        key = getattr(self, "_tokenizer_key", None)
+        if key is None:
+            tok = self.tokenizer
+            h = hashlib.sha256(f"{type(tok).__qualname__}:{tok.context_length}".encode())
+            for table in ("encoder", "bpe_ranks"):  # SimpleTokenizer; other tokenizers hash their repr
+                h.update(repr(sorted(getattr(tok, table, {}).items())).encode())
+            if not hasattr(tok, "encoder"):
+                h.update(repr(tok).encode())
+            key = self._tokenizer_key = h.hexdigest()[:16]
+        return key
+
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
-        ids = self.tokenize(texts)
+        return self.encode_text_ids(self.tokenize(texts), normalize)
+
+    def encode_text_ids(self, ids: Tensor, normalize: bool = True) -> Tensor:
+        """:meth:`encode_text` of already tokenised texts: ``ids`` long[T, context_length] as :meth:`tokenize`
+        returns them (zero-padded). A text attack's candidate store keeps its texts as ids (``attacks/store``)."""
+        ids = ids.to(self.image_mean.device)
         if not self._can_cut_context():
             return self.model.encode_text(ids, normalize=normalize)
         return self._encode_text_bucketed(ids, normalize)
