@@ -14,6 +14,7 @@ could save them. Checkpoints written earlier hold finite weights; the error name
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from mat_lightning.attacks.store import attach_stores, bert_attacks
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.defenses.base import Defense
 from mat_lightning.defenses.clean import Clean
@@ -50,6 +52,9 @@ class MatModule(L.LightningModule):
         ks: recall cut-offs logged at validation/test.
         compile: ``torch.compile`` the encoder's towers (``encoder.towers()``, compiled in place, so checkpoint keys
             do not change). Pays off on GPUs for long runs; the first steps are slow while it compiles.
+        candidate_store: give the training text attacks (BERT-Attack) a candidate store of the train captions,
+            read by the DataLoader workers (``attacks/store.py``; the same adversarial captions, less work per
+            step). False: every caption is prepared on the fly in the training step.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class MatModule(L.LightningModule):
         warmup_fraction: float = 0.1,
         ks: list[int] | None = None,
         compile: bool = False,
+        candidate_store: bool = True,
     ) -> None:
         super().__init__()
         for key, value, ok, rule in (
@@ -75,6 +81,7 @@ class MatModule(L.LightningModule):
         self.defense = defense if defense is not None else Clean()
         self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
         self.ks = list(ks or [1, 5, 10])
+        self.candidate_store = candidate_store
         self.defense.attach(self.encoder)  # before compiling: FARE deep-copies the encoder
         if compile:
             towers = self.encoder.towers() if hasattr(self.encoder, "towers") else []
@@ -126,15 +133,47 @@ class MatModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        """Before fitting: the training text attacks' candidate store of the train captions (built once per data
+        set, masked LM, tokenizer and settings, then read from the cache); the DataLoader workers look each batch
+        up in it (``attacks/store.py``)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if stage != "fit" or not self.candidate_store or not hasattr(dm, "attach_caption_planners"):
+            return
+        attacks = [a for a in bert_attacks(self.defense) if a.max_words > 0]
+        if not attacks:
+            return
+        stores = attach_stores(
+            attacks,
+            dm.train_captions(),
+            self.encoder,
+            self.trainer.strategy.root_device,
+            progress=self.trainer.is_global_zero,
+        )
+        dm.attach_caption_planners(stores)
+
     def on_fit_start(self) -> None:
         self.defense.prepare(self.device)  # load the training attacks' models before the first timed step
 
     def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self.defense(self.encoder, batch)
+        store_hits = []
+        with contextlib.ExitStack() as plans:  # the batch's stored text-attack work, looked up by the loader
+            for attack in bert_attacks(self.defense):
+                plan = (
+                    batch.caption_plans.get(attack.store.key)
+                    if attack.store and batch.caption_plans
+                    else None
+                )
+                if plan is not None:
+                    plans.enter_context(attack.planned(plan))
+                    store_hits.append(sum(plan.found) / max(1, len(plan.found)))
+            out = self.defense(self.encoder, batch)
         self._check_finite_loss(out.loss, batch_idx)
         logs = {f"train/{k}": float(v) for k, v in out.logs.items()}
         logs["train/step_seconds"] = time.perf_counter() - t0
+        if store_hits:  # share of the captions the text attack found in its store (EDA edits are never there)
+            logs["train/caption_store_hits"] = sum(store_hits) / len(store_hits)
         logs["train/logit_scale"] = float(self.encoder.logit_scale.detach())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch))
         self.log_dict(logs, batch_size=len(batch))

@@ -198,3 +198,65 @@ def test_store_pickles_as_its_folder(flickr_mlm, tiny_encoder, tmp_path):
     copy = pickle.loads(blob)
     plan, again = store.plan(captions), copy.plan(captions)
     assert plan.candidates == again.candidates and torch.equal(plan.ids, again.ids)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_training_reads_the_store_in_the_loader(tiny_clip_path, tiny_mlm, tmp_path, monkeypatch, num_workers):
+    """MAT training with the store (looked up by the DataLoader, in a worker process with num_workers=1) ends in the
+    same weights as without it, every caption is found, and the masked LM never runs during training.
+
+    Bugs caught: plans that do not reach the training step (hits < 1 or the MLM running), plans of another batch
+    (other weights), a store that does not pickle to a worker."""
+    import lightning as L
+
+    from mat_lightning.data.datamodule import RetrievalDataModule
+    from mat_lightning.defenses.mat import MAT
+    from mat_lightning.models.encoder import OpenClipEncoder
+    from mat_lightning.module import MatModule
+    from mat_lightning.synthetic import data_args
+
+    monkeypatch.setenv("MAT_CACHE_DIR", str(tmp_path / "cache"))
+
+    class NoMLMWhileTraining(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.ctx = _NoMLM() if pl_module.candidate_store else None
+            if self.ctx:
+                self.ctx.__enter__()
+
+        def on_train_end(self, trainer, pl_module):
+            if self.ctx:
+                self.ctx.__exit__(None, None, None)
+
+    def fit(candidate_store: bool):
+        torch.manual_seed(0)
+        encoder = OpenClipEncoder("mat-tiny", pretrained=str(tiny_clip_path))
+        defense = MAT(BertAttack(mlm=tiny_mlm, max_words=1), PGD(eps_255=2, steps=1, step_255=2))
+        module = MatModule(encoder, defense, lr=1e-3, candidate_store=candidate_store)
+        dm = RetrievalDataModule(
+            **data_args("tiny"),
+            batch_size=16,
+            captions_per_image=2,
+            max_eval_images=16,
+            num_workers=num_workers,
+        )
+        trainer = L.Trainer(
+            max_steps=2,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            inference_mode=False,
+            default_root_dir=tmp_path,
+            callbacks=[NoMLMWhileTraining()],
+        )
+        L.seed_everything(0, verbose=False)
+        trainer.fit(module, dm)
+        return encoder, trainer.callback_metrics
+
+    with_store, metrics = fit(True)
+    without, _ = fit(False)
+    assert metrics["train/caption_store_hits"].item() == 1.0
+    assert (tmp_path / "cache" / "candidate-stores").is_dir()
+    for a, b in zip(with_store.parameters(), without.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -247,7 +247,7 @@ class BertAttack(Attack):
         self.text_batch_size, self.mlm_batch_size = text_batch_size, mlm_batch_size
         self._mlm: tuple[Any, Any] | None = None
         self._special: frozenset[str] = frozenset()
-        self.store: CandidateStore | None = None  # attach_store(); looked up for every batch
+        self._store: CandidateStore | None = None  # attach_store(); looked up for every batch
         self._plan: CaptionPlan | None = None  # a batch's entries prepared by the DataLoader (planned())
 
     def as_reference(self, max_length: int) -> BertAttack:
@@ -326,7 +326,12 @@ class BertAttack(Attack):
         """Look captions up in ``store`` (built for this attack's settings) instead of running the MLM on them."""
         if store is not None and store.meta["settings"] != self.store_settings():
             raise ConfigError(f"{self.name}: {store} was built for other attack settings")
-        self.store = store
+        self._store = store
+
+    @property
+    def store(self) -> CandidateStore | None:
+        """The attached candidate store (None: every caption is prepared on the fly)."""
+        return self._store
 
     @contextmanager
     def planned(self, plan: CaptionPlan | None) -> Iterator[None]:

@@ -404,6 +404,47 @@ def _write_folder(target: Path, arrays: dict[str, np.ndarray], blobs: dict[str, 
         ) from e
 
 
+def bert_attacks(*roots: Any) -> list[BertAttack]:
+    """The BERT-Attacks held by ``roots`` (attacks, defenses) and their parts (a multimodal attack's
+    ``text_attack``), each once."""
+    from mat_lightning.attacks.base import Attack
+    from mat_lightning.attacks.bert_attack import BertAttack
+
+    found: dict[int, BertAttack] = {}
+    todo = list(roots)
+    while todo:
+        obj = todo.pop(0)
+        if isinstance(obj, BertAttack):
+            found.setdefault(id(obj), obj)
+            continue
+        todo.extend(v for v in vars(obj).values() if isinstance(v, Attack))
+    return list(found.values())
+
+
+def attach_stores(
+    attacks: Sequence[BertAttack],
+    captions: Sequence[str],
+    encoder: Any,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> list[CandidateStore]:
+    """Attach to every attack the store of ``captions`` (one per distinct settings, built where missing) and return
+    the stores. Under ``torch.distributed`` the first process builds while the others wait, then they open it."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    first = not distributed or dist.get_rank() == 0
+    usable = [a for a in attacks if a.candidate_generator is None and a.mlm_identity() is not None]
+    if distributed and not first:
+        dist.barrier()  # the first process builds the stores; the others open them after
+    stores = {id(a): ensure_store(a, captions, encoder, device, progress=progress and first) for a in usable}
+    if distributed and first:
+        dist.barrier()
+    for attack in usable:
+        attack.attach_store(stores[id(attack)])
+    return list({s.key: s for s in stores.values()}.values())
+
+
 def store_size_bytes(store: CandidateStore) -> int:
     """Bytes on disk of a store's files."""
     return sum(p.stat().st_size for p in store.folder.iterdir())

@@ -12,6 +12,7 @@ centre crop, no normalisation (the encoder normalises). ``S`` is the encoder's `
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any, Protocol
 
 import lightning as L
 import numpy as np
@@ -82,6 +84,9 @@ class RetrievalBatch:
         sample_keys: long[B] keys of each row's random draws in training attacks (a hash of seed, epoch and index,
             :class:`~mat_lightning.data.sampling.TrainShards`); None for evaluation batches, whose attacks key
             their draws by ``image_ids``.
+        caption_plans: the text attacks' stored work on these captions, looked up by the DataLoader worker
+            (:class:`Collate`): store key -> plan (``mat_lightning.attacks.store.CaptionPlan``); None without a
+            store.
     """
 
     images: Tensor
@@ -89,13 +94,15 @@ class RetrievalBatch:
     txt2img: Tensor
     image_ids: Tensor
     sample_keys: Tensor | None = None
+    caption_plans: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def pin_memory(self) -> RetrievalBatch:
         """Called by the DataLoader with ``pin_memory=True`` (custom batch types must pin themselves)."""
-        return RetrievalBatch(self.images.pin_memory(), self.captions, self.txt2img, self.image_ids)
+        plans = {k: p.pin_memory() for k, p in self.caption_plans.items()} if self.caption_plans else None
+        return dataclasses.replace(self, images=self.images.pin_memory(), caption_plans=plans)
 
 
 TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -280,6 +287,32 @@ class EvalSet(Dataset):
         return torch.tensor([i for i, r in enumerate(self.records) for _ in r.captions], dtype=torch.long)
 
 
+class CaptionPlanner(Protocol):
+    """What :class:`Collate` asks of a text attack's store (``mat_lightning.attacks.store.CandidateStore``)."""
+
+    key: str
+
+    def plan(self, captions: Sequence[str]) -> Any: ...
+
+
+class Collate:
+    """:func:`collate`, plus each planner's plan of the batch's captions (``RetrievalBatch.caption_plans``).
+
+    It runs in the DataLoader's workers: the store lookups, strings and token-id tensors of the text attacks are
+    ready when the batch reaches the training step, which keeps only model work. Pickled to the workers with the
+    planners (a store pickles as its folder and re-opens its memory-mapped files there).
+    """
+
+    def __init__(self, planners: Sequence[CaptionPlanner] = ()) -> None:
+        self.planners = list(planners)
+
+    def __call__(self, items: list[tuple]) -> RetrievalBatch:
+        batch = collate(items)
+        if self.planners:
+            batch.caption_plans = {p.key: p.plan(batch.captions) for p in self.planners}
+        return batch
+
+
 def collate(items: list[tuple]) -> RetrievalBatch:
     """Items ``(image, captions, index[, key])`` of uint8 images (decoded) or float images in [0, 1] (augmented) ->
     a batch of float images in [0, 1] (``sample_keys`` when the items carry keys)."""
@@ -381,6 +414,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self._split_files: dict[Path, str] = {}
         self.train_set: TrainSet | None = None
         self.eval_sets: dict[str, EvalSet] = {}
+        self.caption_planners: list[CaptionPlanner] = []  # attach_caption_planners()
 
     # -- where the files are --------------------------------------------------------------------------------------
 
@@ -554,10 +588,28 @@ class RetrievalDataModule(L.LightningDataModule):
             sampler=sampler,
             drop_last=shuffle and len(sampler) > batch_size,
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=Collate(self.caption_planners) if shuffle else collate,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
+
+    def train_captions(self) -> list[str]:
+        """Every caption a training batch can hold that is known before training (ground truth, and the 1:N
+        augmentation's caption files; not EDA's random edits): what a text attack's candidate store covers."""
+        if self.train_set is None:
+            self.setup("fit")
+        if self.one_to_many is not None:
+            return list(
+                dict.fromkeys(
+                    c for i in range(len(self.train_set)) for c in self.one_to_many.fixed_captions(i)
+                )
+            )
+        records = self.read_split(self.splits["fit"])
+        return list(dict.fromkeys(c for r in records for c in r.captions))
+
+    def attach_caption_planners(self, planners: Sequence[CaptionPlanner]) -> None:
+        """Training batches carry each planner's plan of their captions (:class:`Collate`)."""
+        self.caption_planners = list(planners)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

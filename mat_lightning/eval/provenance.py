@@ -51,6 +51,8 @@ EXCLUDED_SETTINGS = (
     "data.persistent_workers",
     "data.pin_memory",
     "model.encoder.init_args.cache_dir",
+    "model.candidate_store",  # the same adversarial captions with and without (tests/test_candidate_store.py)
+    "robust_eval.candidate_store",
 )
 #: Where the encoder's starting weights come from: replaced by their content hash when it is known.
 WEIGHT_SOURCES = ("model.encoder.init_args.pretrained", "model.encoder.init_args.vision_checkpoint")

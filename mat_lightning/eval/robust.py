@@ -31,6 +31,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -41,6 +42,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mat_lightning.attacks.base import Attack, check_budget_override, with_budgets
 from mat_lightning.attacks.objectives import Gallery
 from mat_lightning.attacks.reference import pre_caption
+from mat_lightning.attacks.store import attach_stores, bert_attacks
 from mat_lightning.data.datamodule import RetrievalBatch
 from mat_lightning.errors import (
     ConfigError,
@@ -234,6 +236,7 @@ def robust_retrieval(
     on_row: Callable[[list[dict]], None] | None = None,
     on_gallery: Callable[[Gallery], None] | None = None,
     caption_preprocess: str | None = None,
+    candidate_store: bool = False,
 ) -> list[dict]:
     """Clean and attacked recall rows.
 
@@ -250,6 +253,8 @@ def robust_retrieval(
         on_gallery: called once with the split's clean embeddings (the negatives of ``split_contrastive``).
         caption_preprocess: clean every caption first (:data:`CAPTION_PREPROCESS`; reference suites:
             ``pre_caption``), for the clean row and every attack alike.
+        candidate_store: attach to the text attacks a candidate store of the split's captions (the loader's
+            ``dataset.captions``), built where missing (``attacks/store.py``).
 
     Returns:
         Rows ``{"attack", "eps_255", "tr_r1", ..., "r_mean", "asr_drop_*", "asr_flip_*", "seconds"}``: first
@@ -263,6 +268,7 @@ def robust_retrieval(
     check_finite_encoder(encoder)
     check_ks(ks, "ks")
     clean_caption = caption_preprocessor(caption_preprocess)
+    store_captions = _split_captions(loader, clean_caption) if candidate_store else None
     if clean_caption is not None:
         loader = _PreprocessedCaptions(loader, clean_caption)
     was_training = getattr(encoder, "training", None)  # None: a duck-typed encoder without modes
@@ -270,7 +276,17 @@ def robust_retrieval(
         encoder.train(False)
     try:
         return _robust_rows(
-            encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir, on_row, on_gallery
+            encoder,
+            loader,
+            attacks,
+            eps_255_grid,
+            ks,
+            device,
+            progress,
+            export_dir,
+            on_row,
+            on_gallery,
+            store_captions,
         )
     finally:
         if was_training is not None:
@@ -334,8 +350,29 @@ def check_ks(ks: Sequence[int], option: str = "robust_eval.ks") -> list[int]:
     return values
 
 
+def _split_captions(loader: Any, clean: Callable[[str], str] | None) -> list[str] | None:
+    """Every caption of the split a loader walks (its ``dataset.captions``, through wrappers' ``loader``), cleaned
+    as the attacks will see them; None when the loader does not say."""
+    while not hasattr(loader, "dataset") and hasattr(loader, "loader"):
+        loader = loader.loader
+    captions = getattr(getattr(loader, "dataset", None), "captions", None)
+    if captions is None:
+        return None
+    return [clean(c) for c in captions] if clean is not None else list(captions)
+
+
 def _robust_rows(
-    encoder, loader, attacks, eps_255_grid, ks, device, progress, export_dir, on_row=None, on_gallery=None
+    encoder,
+    loader,
+    attacks,
+    eps_255_grid,
+    ks,
+    device,
+    progress,
+    export_dir,
+    on_row=None,
+    on_gallery=None,
+    store_captions=None,
 ) -> list[dict]:
     on_row = on_row or (lambda rows: None)
     clean_ranks, seconds, gallery = _encode_split(encoder, loader, None, device, "clean", progress)
@@ -360,6 +397,9 @@ def _robust_rows(
             export = Path(export_dir) / tag if export_dir is not None else None
             variant = variant.clone().with_gallery(gallery)  # the clean split: split_contrastive's negatives
             variant.prepare(device)  # load models (the MLM) outside the timed loop
+            if store_captions:  # built once per split and settings (the first attack that needs it pays)
+                text_attacks = [a for a in bert_attacks(variant) if a.max_words > 0]
+                attach_stores(text_attacks, store_captions, encoder, device, progress=progress)
             ranks, seconds, _ = _encode_split(encoder, loader, variant, device, tag, progress, export)
             if export is not None:
                 _write_set_manifest(export, variant)
@@ -400,6 +440,9 @@ class RobustRetrievalEval(L.Callback):
             ``attacks`` keeps its own step instead.
         max_words: if set, the word budget of every text attack of the list (BERT-Attack and the text parts).
         output: also write ``results.json`` to this file (``mat eval --output``, as CLIP_benchmark's).
+        candidate_store: give the text attacks a candidate store of the split's captions (``attacks/store.py``:
+            built once per split, masked LM, tokenizer and settings, then read from the cache by every attack,
+            defense and run; the same adversarial captions). False: prepared on the fly per batch.
     """
 
     def __init__(
@@ -416,8 +459,10 @@ class RobustRetrievalEval(L.Callback):
         eps_255: float | None = None,
         max_words: int | None = None,
         output: str | None = None,
+        candidate_store: bool = True,
     ) -> None:
         check_budget_override(eps_255, max_words, "robust_eval")
+        self.candidate_store = candidate_store
         self.eps_255, self.max_words, self.output = eps_255, max_words, output
         self.attacks = [with_budgets(a, eps_255, max_words) for a in attacks or []]
         caption_preprocessor(caption_preprocess)  # a bad name fails at construction, before any training
@@ -516,6 +561,7 @@ class RobustRetrievalEval(L.Callback):
             on_row=lambda rows: self._write_partial(trainer, pl_module, rows),
             on_gallery=lambda gallery: setattr(self, "_gallery", gallery),
             caption_preprocess=self.caption_preprocess,
+            candidate_store=self.candidate_store,
         )
         base = {}
         # scalars: each attack at its configured budget (the first row of that attack); the clean row is

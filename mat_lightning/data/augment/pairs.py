@@ -127,6 +127,15 @@ class OneToMany:
             )
         return pool
 
+    def fixed_captions(self, i: int) -> list[str]:
+        """The captions of image ``i``'s pool known before training: the ground truth (if kept) and the caption
+        sources' (EDA's random edits are drawn per step)."""
+        record = self.records[i]
+        pool = list(record.captions) if self.keep_ground_truth else []
+        for source in self.caption_sources:
+            pool.extend(source.captions(record.image_id))
+        return list(dict.fromkeys(pool))
+
     def _generated(self, path: Path) -> Tensor:
         """A generated image, uint8[3, S, S], decoded once when caching."""
         if path in self._decoded:
