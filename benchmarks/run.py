@@ -118,21 +118,55 @@ def bench_bert_attack(encoder, mlm_model, tok, captions: list[str], reps: int) -
             for i, c in enumerate(captions)
         ]
 
-    t = interleaved({"ours": ours, "reference": reference}, reps)
+    store, build_s = temporary_store(attack, encoder, captions)
+    plan = store.plan(captions)  # what a DataLoader worker hands the step
+
+    def with_store():
+        with attack.planned(plan):
+            out["store"] = attack.perturb(encoder, captions, t2i, "image_cosine", image_emb)
+
+    t = interleaved({"ours": ours, "reference": reference, "store": with_store}, reps)
     same = sum(a == b for a, b in zip(out["ours"], out["ref"], strict=True))
+    same_store = sum(a == b for a, b in zip(out["ours"], out["store"], strict=True))
     return {
         "captions": len(captions),
         "ours_captions_per_s": round(len(captions) / t["ours"], 2),
         "reference_captions_per_s": round(len(captions) / t["reference"], 2),
         "speed_ratio": round(t["reference"] / t["ours"], 2),
         "identical_adversarial_captions_pct": round(100 * same / len(captions), 1),
-        "host_ms_per_caption": round(host_ms_per_caption(attack, encoder, mlm_model, captions, image_emb), 2),
+        "host_ms_per_caption": round(host_ms_per_caption(attack, encoder, captions, image_emb), 3),
+        "with_store_captions_per_s": round(len(captions) / t["store"], 2),
+        "store_speed_ratio": round(t["ours"] / t["store"], 2),
+        "store_identical_pct": round(100 * same_store / len(captions), 1),
+        "store_build_s": round(build_s, 2),
+        "host_ms_per_caption_with_store": round(
+            host_ms_per_caption(attack, encoder, captions, image_emb, plan), 3
+        ),
     }
 
 
-def host_ms_per_caption(attack, encoder, mlm_model, captions, image_emb) -> float:
+def temporary_store(attack, encoder, captions: list[str]):
+    """A candidate store of ``captions`` for ``attack`` in a temporary folder (the bench's models are in memory,
+    so not keyed into the cache; not attached: the attack reads it only through ``planned``) and its build
+    seconds."""
+    import tempfile
+
+    from mat_lightning.attacks.store import CandidateStore, build_store
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_store_")) / "store"
+    t0 = time.perf_counter()
+    build_store(attack, captions, encoder, folder, progress=False)
+    seconds = time.perf_counter() - t0
+    return CandidateStore(folder), seconds
+
+
+def host_ms_per_caption(attack, encoder, captions, image_emb, plan=None) -> float:
     """Wall time of the attack minus the time in model work (the text transformer, the MLM forwards with the top-k
-    and perplexity reductions of their logits), per caption: tokenisation, candidates, strings and bookkeeping."""
+    and perplexity reductions of their logits), per caption: tokenisation, candidates, strings and bookkeeping.
+    With ``plan`` (a candidate store's entries for the captions, as a DataLoader worker prepares them): what is
+    left on the main process."""
+    from contextlib import nullcontext
+
     from mat_lightning.attacks import bert_attack
 
     inside = [0.0]
@@ -153,7 +187,8 @@ def host_ms_per_caption(attack, encoder, mlm_model, captions, image_emb) -> floa
         setattr(bert_attack, name, timed_call(fn))
     try:
         t0 = time.perf_counter()
-        attack.perturb(encoder, captions, torch.arange(len(captions)), "image_cosine", image_emb)
+        with attack.planned(plan) if plan is not None else nullcontext():
+            attack.perturb(encoder, captions, torch.arange(len(captions)), "image_cosine", image_emb)
         total = time.perf_counter() - t0
     finally:
         del encoder._encode_cut
@@ -203,17 +238,104 @@ def bench_sga_vs_pgd(encoder, images, captions, txt2img, mlm: str, reps: int) ->
     }
 
 
+FLICKR_TRAIN_CAPTIONS = 145_000  # 29,000 Karpathy training images x 5
+
+
+def bench_store_build(encoder, mlm_model, tok, captions: list[str]) -> dict:
+    """Building the candidate store of ``captions`` at BERT-base / ViT-B/16 size (default mode, top-10): seconds,
+    of which in the MLM's forwards, captions per second and bytes per 1,000 captions; extrapolated (linearly) to
+    Flickr30K's 145,000 training captions.
+
+    The MLM has random weights (``bert-base-uncased`` cannot be downloaded here), so ``threshold_pred_score`` is 0:
+    a trained BERT's top-10 raw logits stand far above the 0.3 cut, while a random one's hover around it and would
+    keep fewer candidates than the real model; with 0 every word gets its 10, the real store's size."""
+    from mat_lightning.attacks import BertAttack
+    from mat_lightning.attacks import bert_attack as ba
+    from mat_lightning.attacks.store import store_size_bytes
+
+    attack = BertAttack.from_mlm(mlm_model, tok, top_k=10, max_words=1, threshold_pred_score=0)
+    inside = [0.0]
+    originals = ba._mlm_topk, ba._perplexity
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] += time.perf_counter() - t0
+
+        return wrapper
+
+    ba._mlm_topk, ba._perplexity = timed(ba._mlm_topk), timed(ba._perplexity)
+    try:
+        store, seconds = temporary_store(attack, encoder, captions)
+    finally:
+        ba._mlm_topk, ba._perplexity = originals
+    size = store_size_bytes(store)
+    per_k = 1000 / len(captions)
+    return {
+        "captions": len(captions),
+        "seconds": round(seconds, 1),
+        "mlm_seconds": round(inside[0], 1),
+        "captions_per_s": round(len(captions) / seconds, 2),
+        "substitutes": int(store.meta["n_candidates"]),
+        "bytes_per_1000_captions": int(size * per_k),
+        "seconds_per_1000_captions": round(seconds * per_k, 1),
+        "extrapolated_flickr30k_train": {
+            "captions": FLICKR_TRAIN_CAPTIONS,
+            "seconds": round(seconds * FLICKR_TRAIN_CAPTIONS / len(captions)),
+            "host_seconds": round((seconds - inside[0]) * FLICKR_TRAIN_CAPTIONS / len(captions)),
+            "gigabytes": round(size * FLICKR_TRAIN_CAPTIONS / len(captions) / 1e9, 2),
+        },
+    }
+
+
+def bench_sga_store(encoder, images, captions, txt2img, mlm: str, reps: int) -> dict:
+    """SGA (its two text passes) with the split's candidate store built beforehand vs without: the cost ratio,
+    and whether the adversarial captions are the same."""
+    from mat_lightning.attacks import PGD, SGA, BertAttack
+
+    def sga():
+        attack = SGA(PGD(eps_255=2, steps=10, step_255=0.5), BertAttack(mlm=mlm, top_k=10, max_words=1))
+        attack.prepare("cpu")
+        return attack
+
+    plain, stored = sga(), sga()
+    store, build_s = temporary_store(stored.text_attack, encoder, captions)
+    stored.text_attack.attach_store(store)
+    out = {}
+
+    def run(key, attack):
+        def fn():
+            out[key] = attack.clone()(encoder, images, captions, txt2img).captions
+
+        return fn
+
+    t = interleaved({"without": run("without", plain), "with": run("with", stored)}, reps)
+    return {
+        "images": len(images),
+        "captions": len(captions),
+        "without_store_s": round(t["without"], 2),
+        "with_store_s": round(t["with"], 2),
+        "store_build_s": round(build_s, 2),
+        "sga_store_speedup_ratio": round(t["without"] / t["with"], 2),
+        "identical_adversarial_captions": out["with"] == out["without"],
+    }
+
+
 def bench_mat_step(encoder, images, captions, mlm: str, reps: int) -> dict:
     """One MAT training step (loss and backward; text first: BERT-Attack, then 2-step PGD) in clean-step units
-    (the clean CLIP loss and backward on the same batch), against its floor.
+    (the clean CLIP loss and backward on the same batch), without and with the candidate store, against floors.
 
-    The floor is the clean step plus the model work the attack cannot avoid, each part replayed alone from what the
-    MAT step's own text attack did on this batch: the MLM forwards (the top-k pass over the captions and the
-    perplexity passes of the multi-sub-word words reached), one text-encoder pass over every text the attack scores
-    (the captions, their [UNK] variants and all candidates), one image forward for the guiding embeddings, and the
-    PGD's 2 image forward/backward passes (its text targets given). Not in the floor: host-side Python
-    (tokenisation, candidate strings, bookkeeping), PGD's encoding of the adversarial captions (already known to the
-    text attack, but in another batch composition), and chunking.
+    With the store (``attacks/store.py``) the step gets the batch's plan as a DataLoader worker prepares it (built
+    here outside the timing, as the workers do it off the main process). Its **floor** is the clean step plus the
+    model work the attack cannot avoid, each part replayed alone from what the store step's text attack asked of
+    the text encoder on this batch: one text-encoder pass over the token ids it encoded (captions, [UNK] variants,
+    the candidates scored), one image forward for the guiding embeddings, and PGD's 2 image forward/backward
+    passes (its text targets given). Without the store the old floor adds the MLM forwards (the top-k pass over
+    the captions and the perplexity passes of the multi-sub-word words reached), which the store removes. Not in
+    either floor: host-side Python and PGD's encoding of the adversarial captions.
     """
     from mat_lightning.attacks import PGD, BertAttack
     from mat_lightning.attacks import bert_attack as ba
@@ -230,9 +352,14 @@ def bench_mat_step(encoder, images, captions, mlm: str, reps: int) -> dict:
     mat.prepare("cpu")
     text_attack, pgd = mat.text_attack, mat.image_attack
     encoder.train()
+    store, build_s = temporary_store(text_attack, encoder, captions)
+    plan = store.plan(captions)
+    t0 = time.perf_counter()
+    store.plan(captions)
+    plan_ms = 1000 * (time.perf_counter() - t0)
 
-    # what one text attack on this batch asks of the models
-    calls: dict[str, list] = {"mlm": [], "ppl": [], "texts": []}
+    # what one text attack on this batch asks of the models, without and with the store
+    calls: dict[str, list] = {"mlm": [], "ppl": [], "texts": [], "ids": []}
     originals = {"_mlm_topk": ba._mlm_topk, "_perplexity": ba._perplexity}
 
     def recorder(key, fn):
@@ -243,15 +370,23 @@ def bench_mat_step(encoder, images, captions, mlm: str, reps: int) -> dict:
         return wrapper
 
     ba._mlm_topk, ba._perplexity = recorder("mlm", ba._mlm_topk), recorder("ppl", ba._perplexity)
-    text_attack.encode = lambda enc, texts: (
+    text_attack.encode = lambda enc, texts, view_length=None: (
         calls["texts"].extend(texts),
-        BertAttack.encode(text_attack, enc, texts),
+        BertAttack.encode(text_attack, enc, texts, view_length),
     )[1]
     try:
         adv_captions = text_attack(encoder, images, captions, ids, **batch_keys(batch)).captions
     finally:
         ba._mlm_topk, ba._perplexity = originals["_mlm_topk"], originals["_perplexity"]
         del text_attack.encode
+    encode_ids = encoder.encode_text_ids
+    encoder.encode_text_ids = lambda x, normalize=True: (calls["ids"].append(x), encode_ids(x, normalize))[1]
+    try:
+        with text_attack.planned(plan):
+            stored_captions = text_attack(encoder, images, captions, ids, **batch_keys(batch)).captions
+    finally:
+        del encoder.encode_text_ids
+    assert stored_captions == adv_captions, "the store changed the adversarial captions"
     with attacking(encoder):
         guidance = pgd.guidance(encoder, images, adv_captions, ids)
 
@@ -270,23 +405,36 @@ def bench_mat_step(encoder, images, captions, mlm: str, reps: int) -> dict:
             text_attack.encode(encoder, calls["texts"])
             encoder.encode_image(images)
 
+    def ids_encode_work():
+        with attacking(encoder), torch.no_grad():
+            for x in calls["ids"]:
+                encoder.encode_text_ids(x)
+            encoder.encode_image(images)
+
     def pgd_work():
         with attacking(encoder), pgd.keyed(ids, ids):
             pgd.perturb(encoder, images, IMAGE_OBJECTIVES[pgd.objective], guidance)
+
+    def mat_with_store():
+        with text_attack.planned(plan):
+            backward(mat(encoder, batch).loss)
 
     t = interleaved(
         {
             "clean": lambda: backward(clip_loss(encoder, images, captions, batch)),
             "mat": lambda: backward(mat(encoder, batch).loss),
+            "mat_store": mat_with_store,
             "text_attack": lambda: text_attack(encoder, images, captions, ids, **batch_keys(batch)),
             "mlm": mlm_work,
             "encodes": encode_work,
+            "ids_encodes": ids_encode_work,
             "pgd_passes": pgd_work,
         },
         reps,
     )
     unit = t["clean"]
     floor = unit + t["mlm"] + t["encodes"] + t["pgd_passes"]
+    floor_store = unit + t["ids_encodes"] + t["pgd_passes"]
     return {
         "batch": n,
         "clean_step_s": round(unit, 3),
@@ -302,6 +450,20 @@ def bench_mat_step(encoder, images, captions, mlm: str, reps: int) -> dict:
         "texts_encoded": len(calls["texts"]),
         "mlm_topk_passes": len(calls["mlm"]),  # one per chunk of captions: the attack is batched
         "mat_step_ratio": round(t["mat"] / floor, 2),
+        "store": {
+            "mat_step_units": round(t["mat_store"] / unit, 2),
+            "floor_units": round(floor_store / unit, 2),
+            "floor_parts_units": {
+                "clean_step": 1.0,
+                "text_and_guide_encodes": round(t["ids_encodes"] / unit, 2),
+                "pgd_2_passes": round(t["pgd_passes"] / unit, 2),
+            },
+            "store_build_s": round(build_s, 2),
+            "loader_plan_ms_per_batch": round(plan_ms, 2),
+            "texts_encoded": sum(len(x) for x in calls["ids"]),
+        },
+        "mat_step_store_over_floor_ratio": round(t["mat_store"] / floor_store, 3),
+        "mat_step_store_speedup_ratio": round(t["mat"] / t["mat_store"], 2),
     }
 
 
@@ -565,12 +727,14 @@ def main_rows(r: dict) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def flickr_captions() -> list[str]:
+def flickr_captions(clean: bool = True) -> list[str]:
+    """The Flickr30K test captions (5,000), cleaned by ``pre_caption`` as the references' data sets do before their
+    text attack, or as written (what default-mode training reads)."""
     from mat_lightning.attacks.reference import pre_caption
     from mat_lightning.data.formats import read_annotations
 
-    # cleaned as the references' data sets do before their text attack
-    return [pre_caption(c) for r in read_annotations(FLICKR, "/") for c in r.captions]
+    raw = [c for r in read_annotations(FLICKR, "/") for c in r.captions]
+    return [pre_caption(c) for c in raw] if clean else raw
 
 
 def bench_published_agreement() -> dict:
@@ -620,6 +784,16 @@ def base_size_models(mlm_folder: Path):
     return encoder, mlm, tok
 
 
+def mat_step_row(tiny) -> dict:
+    """The MAT step against its floors on batch 128 of the default world's train split (its tiny CLIP and MLM)."""
+    from mat_lightning.synthetic import ensure_mlm, load_split
+
+    images, caps = load_split("default", "train")
+    return bench_mat_step(
+        tiny, images[:128].float() / 255, [c[0] for c in caps[:128]], str(ensure_mlm("default")), reps=5
+    )
+
+
 def world_rows(tiny) -> dict:
     """The rows on the synthetic world (tiny CLIP and its MLM): the MAT step against its floor (batch 128 of the
     train split) and BertAttack vs TextAttack's components (50 test images, one caption each)."""
@@ -627,12 +801,37 @@ def world_rows(tiny) -> dict:
     from mat_lightning.synthetic import ensure_mlm, load_split
 
     mlm_folder = str(ensure_mlm("default"))
-    images, caps = load_split("default", "train")
-    mat = bench_mat_step(tiny, images[:128].float() / 255, [c[0] for c in caps[:128]], mlm_folder, reps=5)
+    mat = mat_step_row(tiny)
     images, caps = load_split("default", "test")
     mlm, tok = load_mlm(mlm_folder)
     ta = bench_textattack(tiny.eval(), mlm, tok, images[:50].float() / 255, [c[0] for c in caps[:50]], reps=2)
     return {"mat_step_tiny": mat, "textattack_tiny": ta}
+
+
+STORE_ROWS = ("bert_attack_tiny", "bert_attack_base", "store_build_base", "sga_store_tiny", "mat_step_tiny")
+
+
+def store_rows(tiny, folder: Path, captions: list[str], quick: bool) -> dict:
+    """The rows that measure the candidate store (``--store-rows``)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from mat_lightning import synthetic
+
+    tok, mlm = AutoTokenizer.from_pretrained(folder), AutoModelForMaskedLM.from_pretrained(folder).eval()
+    out = {"bert_attack_tiny": bench_bert_attack(tiny, mlm, tok, captions[: 200 if quick else 500], reps=3)}
+    base_encoder, base_mlm, base_tok = base_size_models(folder)
+    out["bert_attack_base"] = bench_bert_attack(base_encoder, base_mlm, base_tok, captions[:10], reps=2)
+    out["store_build_base"] = bench_store_build(
+        base_encoder, base_mlm, base_tok, flickr_captions(clean=False)[: 200 if quick else 1000]
+    )
+    del base_encoder, base_mlm
+    images, caps = synthetic.load_split("default", "test")
+    x = images[:32].float() / 255
+    sel = [c for cs in caps[:32] for c in cs]
+    t2i = torch.tensor([i for i, cs in enumerate(caps[:32]) for _ in cs])
+    out["sga_store_tiny"] = bench_sga_store(tiny, x, sel, t2i, str(synthetic.ensure_mlm("default")), reps=3)
+    out["mat_step_tiny"] = mat_step_row(tiny)
+    return out
 
 
 def write_results(results: dict) -> Path:
@@ -679,6 +878,19 @@ def main() -> None:
         return
     captions = flickr_captions()
     folder = flickr_mlm_folder(captions)
+    if (
+        "--store-rows" in sys.argv
+    ):  # only the candidate-store rows (issue 22), merged into an existing bench.json
+        previous = REPO / "runs" / "bench" / "bench.json"
+        results = {
+            **(json.loads(previous.read_text()) if previous.is_file() else results),
+            **store_rows(tiny, folder, captions, quick),
+        }
+        out = write_results(results)
+        print(json.dumps({k: results[k] for k in STORE_ROWS}, indent=2))
+        print(markdown_table(results))
+        print(f"written to {out}")
+        return
     tok, mlm = AutoTokenizer.from_pretrained(folder), AutoModelForMaskedLM.from_pretrained(folder).eval()
     results["published_agreement"] = bench_published_agreement()
     print(json.dumps(results, indent=2), flush=True)
@@ -687,6 +899,9 @@ def main() -> None:
     base_encoder, base_mlm, base_tok = base_size_models(folder)
     results["text_context_base"] = bench_text_context(base_encoder, captions[:64], reps=3)
     results["bert_attack_base"] = bench_bert_attack(base_encoder, base_mlm, base_tok, captions[:10], reps=2)
+    results["store_build_base"] = bench_store_build(
+        base_encoder, base_mlm, base_tok, flickr_captions(clean=False)[: 200 if quick else 1000]
+    )
     del base_encoder, base_mlm
     print(json.dumps(results, indent=2), flush=True)
 
@@ -695,6 +910,9 @@ def main() -> None:
     sel = [c for cs in caps[:32] for c in cs]
     t2i = torch.tensor([i for i, cs in enumerate(caps[:32]) for _ in cs])
     results["sga_vs_pgd_tiny"] = bench_sga_vs_pgd(
+        tiny, x, sel, t2i, str(synthetic.ensure_mlm("default")), reps=3
+    )
+    results["sga_store_tiny"] = bench_sga_store(
         tiny, x, sel, t2i, str(synthetic.ensure_mlm("default")), reps=3
     )
     results.update(world_rows(tiny))

@@ -260,7 +260,8 @@ class MatCLI(LightningCLI):
                 and cb.init_args.get("dirpath") is None
             ):
                 cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")
-        rank_zero_info(f"run folder: {run_dir}")
+        if self.alias != "prepare-attacks":  # it runs nothing in it, and removes it
+            rank_zero_info(f"run folder: {run_dir}")
         # Synthetic-world names -> asset paths, in a copy: the classes are built from it, while the saved
         # config.yaml keeps the names (it re-runs elsewhere, building the assets there) and names the world
         # CLIP's architecture (a preset sizes its CLIP).
@@ -304,6 +305,51 @@ class MatCLI(LightningCLI):
                 evaluator.resumed_from = ckpt
             elif ckpt is not None:
                 evaluator.weights = ckpt
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if self.alias == "prepare-attacks":
+            self.prepare_attacks()
+            return
+        super()._run_subcommand(subcommand)
+
+    def prepare_attacks(self) -> None:
+        """``mat prepare-attacks``: the candidate stores the run of this config would build (the training text
+        attack's of the train captions, each evaluation text attack's of the test captions), then a table of them on
+        stdout. Trains nothing; leaves no run folder."""
+        from mat_lightning.attacks.store import attach_stores, bert_attacks, store_size_bytes
+        from mat_lightning.eval.robust import caption_preprocessor
+
+        model, dm = self.model, self.datamodule
+        if dm.image_size is None:
+            dm.image_size = int(model.encoder.image_size)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        built: dict[str, tuple[str, str, object]] = {}
+        train_attacks = [a for a in bert_attacks(model.defense) if a.max_words > 0]
+        if train_attacks and model.candidate_store:
+            for store in attach_stores(train_attacks, dm.train_captions(), model.encoder, device):
+                built.setdefault(store.key, ("train", type(model.defense).__name__, store))
+        evaluator = next((c for c in self.trainer.callbacks if isinstance(c, RobustRetrievalEval)), None)
+        if evaluator is not None and evaluator.candidate_store:
+            clean = caption_preprocessor(evaluator.caption_preprocess)
+            captions = dm.eval_set("test").captions
+            captions = [clean(c) for c in captions] if clean is not None else captions
+            for attack in evaluator.attacks:
+                text_attacks = [a for a in bert_attacks(attack) if a.max_words > 0]
+                for store in attach_stores(text_attacks, captions, model.encoder, device):
+                    built.setdefault(store.key, ("test", attack.name, store))
+        remove_failed_run_dirs()  # nothing was run: no run folder
+        self.run_dir = None
+        if not built:
+            print("no text attack with a masked LM in this config: nothing to prepare")
+            return
+        print(f"{'split':<5} {'for':<22} {'captions':>8} {'subst.':>9} {'MB':>6}  store")
+        for key, (split, user, store) in built.items():
+            m = store.meta
+            print(
+                f"{split:<5} {user[:22]:<22} {m['n_captions']:>8} {m['n_candidates']:>9} "
+                f"{store_size_bytes(store) / 1e6:>6.1f}  {key}"
+            )
+        print(f"stores in {next(iter(built.values()))[2].folder.parent}", file=sys.stderr)
 
     def before_fit(self) -> None:
         self._before_run()
@@ -805,7 +851,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str], from_command_line: bool) -> None:
     from mat_lightning.main import front_door
 
-    alias = argv[0] if argv[:1] in (["robust-eval"], ["eval"]) else None
+    alias = argv[0] if argv[:1] in (["robust-eval"], ["eval"], ["prepare-attacks"]) else None
     argv = front_door(argv)  # help, report, eval -> test
     if argv is None:
         return
@@ -831,6 +877,8 @@ def _main(argv: list[str], from_command_line: bool) -> None:
         return
     if argv[:1] == ["robust-eval"]:
         argv = ["test", *_export_alias(argv[1:])]
+    if argv[:1] == ["prepare-attacks"]:
+        argv = ["fit", *argv[1:]]
     cli = None
     try:
         if from_command_line:

@@ -28,6 +28,7 @@ COMMANDS = {
     "report": "a paper-style table across runs (only comparable runs averaged)",
     "augment": "write MAT+ 1:N augmentation files (rewrite | i2t), local model",
     "transfer": "evaluate target models on adversarial sets exported elsewhere",
+    "prepare-attacks": "build an experiment's text-attack candidate stores ahead",
 }
 
 HELP = (
@@ -113,6 +114,11 @@ SHORT_HELP = {
     + COMMANDS["transfer"]
     + "\n(mat robust-eval --export DIR writes them): rows = source sets, columns = targets,\nR@1 flip rate and recall.\n"
     "Details: mat transfer --help\n",
+    "prepare-attacks": "usage: mat prepare-attacks --config <experiment.yaml> [options of mat fit]\n\n"
+    + COMMANDS["prepare-attacks"]
+    + ":\nBERT-Attack's substitutes and token ids of every train caption (the defense's text attack) and\n"
+    "test caption (each text attack of the evaluation), computed once and cached; runs find them there.\n"
+    "Takes the options of mat fit (the same config builds the same stores); trains nothing.\n",
 }
 
 # -- mat eval -----------------------------------------------------------------------------------------------------------
@@ -377,8 +383,8 @@ def front_door(argv: list[str]) -> list[str] | None:
             print(SHORT_HELP["data"], end="")
             return None
         raise ConfigError("usage: mat data check --data.dataset=NAME --data.root=DIR (see: mat help data)")
-    if argv[0] == "robust-eval" and _wants_help(argv):
-        print(SHORT_HELP["robust-eval"], end="")
+    if argv[0] in ("robust-eval", "prepare-attacks") and _wants_help(argv):
+        print(SHORT_HELP[argv[0]], end="")
         return None
     if argv[0] in ("fit", "validate", "test") and _wants_help(argv):
         print(SHORT_HELP[argv[0]] + "\n== all options ==\n", flush=True)
@@ -407,7 +413,7 @@ def needs_no_training_stack(argv: list[str]) -> bool:
         not argv
         or argv[0] in ("-h", "--help", "help", "report")
         or (argv[0] == "data" and argv[1:2] != ["check"])
-        or (argv[0] == "robust-eval" and _wants_help(argv))
+        or (argv[0] in ("robust-eval", "prepare-attacks") and _wants_help(argv))
         or (argv[0] in ("fit", "validate", "test") and _wants_help(argv) and not _has_config(argv))
     )
 
@@ -427,6 +433,8 @@ def check_before_import(argv: list[str]) -> None:
         options.check_args("test", eval_args(argv[1:])[1:])
     elif command in ("fit", "validate", "test", "robust-eval"):
         options.check_args(command, argv[1:])
+    elif command == "prepare-attacks":
+        options.check_args("fit", argv[1:])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -260,3 +260,41 @@ def test_training_reads_the_store_in_the_loader(tiny_clip_path, tiny_mlm, tmp_pa
     assert (tmp_path / "cache" / "candidate-stores").is_dir()
     for a, b in zip(with_store.parameters(), without.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_mat_prepare_attacks_builds_what_the_run_reads(tmp_path, capsys, tiny_world):
+    """`mat prepare-attacks` on an experiment builds the training text attack's store of the train captions and
+    the evaluation suite's stores of the test captions, prints a table of them on stdout, leaves no run folder; a
+    second call opens them (unchanged); the run's own setup then finds the same store (no build).
+
+    Bugs caught: a store keyed on something the run resolves differently (another MLM path, caption cleaning,
+    settings), so that the run would build again; a run folder left behind."""
+    from mat_lightning.attacks.store import default_folder
+    from mat_lightning.cli import main
+
+    args = [
+        "prepare-attacks",
+        "--config",
+        "experiments/synthetic_mat.yaml",
+        "--data.world=tiny",
+        "--model.encoder.init_args.pretrained=synthetic:tiny",
+        "--data.max_eval_images=16",
+        f"--run_root={tmp_path / 'runs'}",
+    ]
+    main(args)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["split", "for", "captions", "subst.", "MB", "store"]
+    assert lines[1].split()[:2] == ["train", "MAT"]
+    assert {line.split()[1] for line in lines[2:]} >= {"bert_attack"}
+    assert all(len(line) <= 80 for line in lines)
+    keys = [line.split()[-1] for line in lines[1:]]
+    folders = [default_folder() / k for k in keys]
+    assert all((f / "meta.json").is_file() for f in folders)
+    stamps = [(f / "meta.json").stat().st_mtime_ns for f in folders]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.yaml"))
+    main(args)
+    assert capsys.readouterr().out == out
+    assert [(f / "meta.json").stat().st_mtime_ns for f in folders] == stamps
+    n_train = int(lines[1].split()[2])
+    assert n_train > 1000  # tiny world: 384 train images x 5 captions, deduplicated

@@ -224,6 +224,7 @@ class CandidateStore:
         out = np.zeros((len(seqs), int(lengths.max())), dtype=np.int64)
         mask = np.arange(out.shape[1])[None, :] < lengths[:, None]
         out[mask] = np.concatenate([tokens[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)])
+        # (uint16 ids widen to int64 here: torch takes long ids)
         return torch.from_numpy(out)
 
 
@@ -291,7 +292,12 @@ def build_store(
     var_count: list[int] = []
     cand_count: list[int] = []
     subs: list[str] = []
-    token_seqs: dict[str, list[list[int]]] = {"caption": [], "variant": [], "candidate": []}
+    # per kind of text, chunks of (flat ids without padding, length of each text)
+    token_seqs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {
+        "caption": [],
+        "variant": [],
+        "candidate": [],
+    }
     context_length = 0
     chunks = range(0, len(captions), BUILD_CHUNK)
     for start in progress_of(
@@ -310,8 +316,8 @@ def build_store(
                 texts["candidate"].extend(attack.candidate_text(ws, j, c) for c in candidates[t][j])
         if tokenizer is not None:
             for kind, kind_texts in texts.items():
-                seqs, width = _token_ids(attack, tokenizer, kind_texts, device)
-                token_seqs[kind].extend(seqs)
+                flat, lengths, width = _token_ids(attack, tokenizer, kind_texts, device)
+                token_seqs[kind].append((flat, lengths))
                 context_length = max(context_length, width)
     arrays: dict[str, np.ndarray] = {}
     hashes = caption_hashes(captions)
@@ -323,11 +329,11 @@ def build_store(
     arrays["cand_ptr"] = _ptr(cand_count)
     arrays["subs_ptr"], subs_blob = _blob(subs)
     if tokenizer is not None:
-        seqs = token_seqs["caption"] + token_seqs["variant"] + token_seqs["candidate"]
-        arrays["tok_ptr"] = _ptr([len(s) for s in seqs])
-        arrays["tokens"] = np.fromiter(
-            (i for s in seqs for i in s), dtype=np.int32, count=int(arrays["tok_ptr"][-1])
-        )
+        parts = token_seqs["caption"] + token_seqs["variant"] + token_seqs["candidate"]
+        tokens = np.concatenate([f for f, _ in parts]) if parts else np.zeros(0, np.int64)
+        arrays["tok_ptr"] = _ptr(np.concatenate([n for _, n in parts]) if parts else [])
+        # CLIP's 49,408 ids fit 16 bits: half the bytes of int32
+        arrays["tokens"] = tokens.astype(np.uint16 if tokens.size == 0 or tokens.max() < 2**16 else np.int32)
     meta = {
         "format": FORMAT_VERSION,
         "key": target.name,
@@ -355,22 +361,26 @@ def build_store(
 
 def _token_ids(
     attack: BertAttack, tokenizer: Any, texts: list[str], device: torch.device
-) -> tuple[list[list[int]], int]:
-    """The encoder's ids of ``texts`` as the attack would feed them (reference mode: their ``text_view``), each
-    without its zero padding, and the padded width the tokenizer gives (its context length)."""
-    out: list[list[int]] = []
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The encoder's ids of ``texts`` as the attack would feed them (reference mode: their ``text_view``): all
+    texts' ids without their zero padding, one after the other; each text's length; the padded width the tokenizer
+    gives (its context length)."""
+    flats, lengths = [], []
     width = 0
     step = attack.text_batch_size
     for i in range(0, len(texts), step):
-        chunk = attack.encoder_view(texts[i : i + step], device)
-        ids = tokenizer.tokenize(chunk).cpu()
+        ids = tokenizer.tokenize(attack.encoder_view(texts[i : i + step], device)).cpu()
         width = ids.shape[1]
-        lengths = (ids != 0).long().cumsum(1).argmax(1) + 1  # through the last non-zero id (EOT)
-        out.extend(row[:n].tolist() for row, n in zip(ids, lengths.tolist(), strict=True))
-    return out, width
+        n = (ids != 0).long().cumsum(1).argmax(1) + 1  # through the last non-zero id (EOT)
+        keep = torch.arange(width)[None, :] < n[:, None]
+        flats.append(ids[keep].numpy())
+        lengths.append(n.numpy())
+    if not flats:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), width
+    return np.concatenate(flats), np.concatenate(lengths), width
 
 
-def _ptr(counts: Sequence[int]) -> np.ndarray:
+def _ptr(counts: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
 
 
