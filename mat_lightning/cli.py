@@ -26,7 +26,6 @@ exit with status 2; SIGINT exits 130 and SIGTERM 143, after ``fit`` saved ``chec
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -66,6 +65,7 @@ from mat_lightning.logging import SaveConfigToWandb, ensure_wandb_dirs
 from mat_lightning.models.encoder import LOCAL_MODELS
 from mat_lightning.module import NOT_A_MAT_CHECKPOINT, MatModule
 from mat_lightning.options import CLI_OPTIONS
+from mat_lightning.progress import StageProgressBar, quiet_bars
 from mat_lightning.synthetic import name_architectures, resolve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +284,7 @@ class MatCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(ResumableFit())
-        trainer.callbacks[:] = [_on_stderr(cb) for cb in trainer.callbacks]
+        trainer.callbacks[:] = _with_stage_bars(trainer.callbacks)
         return trainer
 
     # -- before Lightning loads a checkpoint, and what results.json says was tested -----------------------------------
@@ -436,42 +436,20 @@ def _fill_parts(spec: dict, mlm: str) -> bool:
     return filled
 
 
-def _on_stderr(callback):
-    """Lightning's default progress bar (rich when installed, else tqdm) moved to stderr, and off when stderr is not
-    a terminal; any other callback unchanged."""
-    if type(callback) is TQDMProgressBar:
-        return StderrProgressBar()
-    if type(callback) is RichProgressBar:
-        return RichProgressBar(refresh_rate=1 if sys.stderr.isatty() else 0, console_kwargs={"stderr": True})
-    return callback
+def _with_stage_bars(callbacks: list) -> list:
+    """Lightning's progress bar (rich when installed, else tqdm: the default one or one a config names) replaced by
+    :class:`~mat_lightning.progress.StageProgressBar`, moved first.
 
-
-class StderrProgressBar(TQDMProgressBar):
-    """Lightning's bars on stderr (stdout holds only the results table), and none when stderr is not a terminal:
-    tqdm's ``\r`` redraws would turn a log file into ``\r``-joined lines (the robust evaluation still reports each
-    attack there in plain lines, :mod:`mat_lightning.progress`)."""
-
-    def __init__(self) -> None:
-        super().__init__(refresh_rate=1 if sys.stderr.isatty() else 0)
-
-    def _on_stderr(self, make):
-        with contextlib.redirect_stdout(sys.stderr):  # Lightning passes file=sys.stdout, read at call time
-            return make()
-
-    def init_sanity_tqdm(self):
-        return self._on_stderr(super().init_sanity_tqdm)
-
-    def init_train_tqdm(self):
-        return self._on_stderr(super().init_train_tqdm)
-
-    def init_validation_tqdm(self):
-        return self._on_stderr(super().init_validation_tqdm)
-
-    def init_test_tqdm(self):
-        return self._on_stderr(super().init_test_tqdm)
-
-    def init_predict_tqdm(self):
-        return self._on_stderr(super().init_predict_tqdm)
+    Why replaced: rich's live display captures stderr while it runs, so the robust evaluation's tqdm bars and log
+    lines interleaved with it (an epoch's bar drawn twice, a ``0%`` line and a ``100%`` line per attack), it wrote
+    its bars to stdout, and in a log file its redraws became ``\r``-joined lines. Why first: its test bar closes in
+    ``on_test_epoch_end``, which must run before the robust evaluation's (the attacks run in that hook).
+    """
+    bars = [cb for cb in callbacks if type(cb) in (RichProgressBar, TQDMProgressBar, StageProgressBar)]
+    if not bars:  # trainer.enable_progress_bar=false, or a custom bar of the user's
+        return callbacks
+    ours = next((cb for cb in bars if isinstance(cb, StageProgressBar)), None) or StageProgressBar()
+    return [ours, *(cb for cb in callbacks if not any(cb is b for b in bars))]
 
 
 def allow_tf32() -> None:
@@ -794,7 +772,12 @@ def check_config_files(argv: list[str]) -> None:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now (a test's capture, a redirect), not the stream of the first call."""
+    """Writes to whatever ``sys.stderr`` is now (a test's capture, a redirect), not the stream of the first call,
+    above the open progress bars of a terminal (not into the line of one)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with quiet_bars():
+            super().emit(record)
 
     @property
     def stream(self):

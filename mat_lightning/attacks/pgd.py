@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mat_lightning import progress
 from mat_lightning.attacks.base import Attack, AttackResult, SampleRandomness
 from mat_lightning.attacks.objectives import (
     IMAGE_OBJECTIVES,
@@ -202,7 +203,7 @@ class PGD(Attack):
         guidance = guidance.float()
         # DESIGN §4: the keyword is passed only where it is needed (FARE), so DESIGN's encode_image(images) works
         encode = encoder.encode_image if normalize else partial(encode_image_unnormalised, encoder)
-        for _ in range(self.steps):
+        for done in range(1, self.steps + 1):
             adv.requires_grad_(True)
             inputs = [adv] + (views(adv, rng) if views is not None else [])
             if all(v.shape == adv.shape for v in inputs[1:]):  # SGA's views come back at the image's size:
@@ -225,6 +226,7 @@ class PGD(Attack):
                 delta.clamp(-eps, eps) if self.norm == "linf" else delta * (eps / _l2(delta)).clamp(max=1.0)
             )
             adv = (x0 + delta).clamp(0, 1)
+            progress.step(done, self.steps, "PGD step")  # a bar over few long batches still moves
         return adv.detach()
 
 

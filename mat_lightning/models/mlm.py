@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mat_lightning.progress import note
 from mat_lightning.progress import progress as progress_of
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def train_tiny_mlm(
     )
     special_ids = torch.tensor(tok.all_special_ids)
     model.train()
+    running = None  # the loss's moving average over ~20 steps, shown beside the bar
     for _ in progress_of(
         range(steps), "training the synthetic world's masked LM", enabled=progress, unit="steps"
     ):
@@ -116,6 +118,8 @@ def train_tiny_mlm(
         loss.backward()
         opt.step()
         sched.step()
+        running = loss.detach() if running is None else 0.95 * running + 0.05 * loss.detach()
+        note(loss=running)
     model.eval()
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)

@@ -19,6 +19,7 @@ from torch import Tensor
 from mat_lightning.eval.retrieval import recall_at_k, similarity
 from mat_lightning.losses import contrastive_loss
 from mat_lightning.models.encoder import VLEncoder
+from mat_lightning.progress import note
 from mat_lightning.progress import progress as progress_of
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def pretrain_clip(
     warmup = max(1, int(cfg.warmup_fraction * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, warmup))
     encoder.train()
+    running = None  # the loss's moving average over ~20 steps, shown beside the bar (read only when drawn)
     for _ in progress_of(
         range(cfg.steps), "pretraining the synthetic world's CLIP", enabled=progress, unit="steps"
     ):
@@ -97,6 +99,8 @@ def pretrain_clip(
         sched.step()
         with torch.no_grad():  # CLIP clamps the temperature at 100
             encoder.model.logit_scale.clamp_(0, math.log(100))
+            running = loss.detach() if running is None else 0.95 * running + 0.05 * loss.detach()
+        note(loss=running)
     encoder.eval()
 
 
