@@ -727,6 +727,19 @@ def _quiet_console() -> None:
     tip_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropTips) for f in tip_logger.filters):
         tip_logger.addFilter(_DropTips())
+    if not getattr(warnings.showwarning, "above_bars", False):
+        warnings.showwarning = _above_bars(warnings.showwarning)
+
+
+def _above_bars(show):
+    """``warnings.showwarning`` writing above the open progress bars of a terminal, not into the line of one."""
+
+    def showwarning(*args, **kwargs):
+        with quiet_bars():
+            show(*args, **kwargs)
+
+    showwarning.above_bars = True
+    return showwarning
 
 
 def _print_error(e: BaseException) -> None:

@@ -285,3 +285,33 @@ def test_a_terminal_shows_each_stage_once_and_attacks_leave_one_line(tmp_path, t
     assert sum(line.startswith("[mat] sga_eps2: TR@1") for line in screen) == 1, screen
     # the test's bar is drawn, then erased, before the robust evaluation's first bar
     assert raw.rindex("testing:") < raw.index("clean:"), raw
+
+
+def test_warnings_and_log_lines_start_their_own_line_above_a_bar(monkeypatch):
+    """A warning or one of our log lines written while a terminal bar is open clears the bar and is written on its
+    own line, the bar redrawn after it. Bug caught: ``epoch 0:  33%|███ | 1/3 batches/path.py:8: UserWarning: ...``,
+    one line of bar and warning. (pytest records warnings instead of printing them: the hook ``_quiet_console``
+    installs is called here with Python's own formatter.)"""
+    import logging
+    import warnings
+
+    from mat_lightning import cli
+
+    tty = Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    cli._setup_logging()
+    cli._quiet_console()
+    assert getattr(warnings.showwarning, "above_bars", False)
+
+    def python_show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line=""))
+
+    show = cli._above_bars(python_show)
+    for i in progress(range(3), "epoch 0", stream=tty):
+        if i == 1:
+            show(UserWarning("something odd"), UserWarning, "/x/fit_loop.py", 8)
+            logging.getLogger("mat_lightning.tests").info("a log line")
+    screen = render(tty.getvalue())
+    assert "/x/fit_loop.py:8: UserWarning: something odd" in screen, screen
+    assert "[mat] a log line" in screen, screen
