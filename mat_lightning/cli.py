@@ -731,15 +731,16 @@ def _quiet_console() -> None:
         warnings.showwarning = _above_bars(warnings.showwarning)
 
 
-def _above_bars(show):
-    """``warnings.showwarning`` writing above the open progress bars of a terminal, not into the line of one."""
+def _above_bars(write):
+    """``write`` (``warnings.showwarning``, a log handler's ``emit``) writing above the open progress bars of a
+    terminal, not into the line of one."""
 
-    def showwarning(*args, **kwargs):
+    def above_bars(*args, **kwargs):
         with quiet_bars():
-            show(*args, **kwargs)
+            write(*args, **kwargs)
 
-    showwarning.above_bars = True
-    return showwarning
+    above_bars.above_bars = True
+    return above_bars
 
 
 def _print_error(e: BaseException) -> None:
@@ -811,6 +812,13 @@ def _setup_logging() -> None:
         # one voice per distributed run: the other ranks report warnings and errors only
         logger.setLevel(logging.INFO if rank_zero_only.rank == 0 else logging.WARNING)
         logger.propagate = False
+    # Lightning's messages ("Detected KeyboardInterrupt", "`Trainer.fit` stopped") go through its own handlers
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for lightning_handler in logging.getLogger(name).handlers:
+            if type(lightning_handler) is logging.StreamHandler and not getattr(
+                lightning_handler.emit, "above_bars", False
+            ):
+                lightning_handler.emit = _above_bars(lightning_handler.emit)
 
 
 def main(argv: list[str] | None = None) -> None:

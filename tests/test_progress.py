@@ -288,8 +288,8 @@ def test_a_terminal_shows_each_stage_once_and_attacks_leave_one_line(tmp_path, t
 
 
 def test_warnings_and_log_lines_start_their_own_line_above_a_bar(monkeypatch):
-    """A warning or one of our log lines written while a terminal bar is open clears the bar and is written on its
-    own line, the bar redrawn after it. Bug caught: ``epoch 0:  33%|███ | 1/3 batches/path.py:8: UserWarning: ...``,
+    """A warning, one of our log lines or one of Lightning's written while a terminal bar is open clears the bar and
+    is written on its own line, the bar redrawn after it. Bug caught: ``epoch 0:  33%|███ | 1/3 batches/path.py:8: UserWarning: ...``,
     one line of bar and warning. (pytest records warnings instead of printing them: the hook ``_quiet_console``
     installs is called here with Python's own formatter.)"""
     import logging
@@ -300,6 +300,8 @@ def test_warnings_and_log_lines_start_their_own_line_above_a_bar(monkeypatch):
     tty = Terminal()
     monkeypatch.setattr(sys, "stderr", tty)
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    lightning_log = logging.getLogger("lightning.pytorch")  # Lightning's own handler, here on the terminal
+    monkeypatch.setattr(lightning_log, "handlers", [logging.StreamHandler(tty)])
     cli._setup_logging()
     cli._quiet_console()
     assert getattr(warnings.showwarning, "above_bars", False)
@@ -312,6 +314,8 @@ def test_warnings_and_log_lines_start_their_own_line_above_a_bar(monkeypatch):
         if i == 1:
             show(UserWarning("something odd"), UserWarning, "/x/fit_loop.py", 8)
             logging.getLogger("mat_lightning.tests").info("a log line")
+            lightning_log.info("Detected KeyboardInterrupt, attempting graceful shutdown ...")
     screen = render(tty.getvalue())
+    assert "Detected KeyboardInterrupt, attempting graceful shutdown ..." in screen, screen
     assert "/x/fit_loop.py:8: UserWarning: something odd" in screen, screen
     assert "[mat] a log line" in screen, screen
