@@ -274,7 +274,20 @@ def bench_store_build(encoder, mlm_model, tok, captions: list[str]) -> dict:
         ba._mlm_topk, ba._perplexity = originals
     size = store_size_bytes(store)
     per_k = 1000 / len(captions)
+    # the main process's host time on a training batch (128 captions), without and with the batch's plan
+    batch = captions[:128]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        image_emb = encoder.encode_image(
+            torch.rand(len(batch), 3, encoder.image_size, encoder.image_size, generator=g)
+        )
+    host = {
+        "captions": len(batch),
+        "without_store": round(host_ms_per_caption(attack, encoder, batch, image_emb), 3),
+        "with_store": round(host_ms_per_caption(attack, encoder, batch, image_emb, store.plan(batch)), 3),
+    }
     return {
+        "host_ms_per_caption_batch": host,
         "captions": len(captions),
         "seconds": round(seconds, 1),
         "mlm_seconds": round(inside[0], 1),

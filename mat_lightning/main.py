@@ -34,7 +34,10 @@ COMMANDS = {
 HELP = (
     "usage: mat <command> [options]\n\n"
     "Multimodal adversarial training and robust image-text retrieval (README.md).\n\ncommands:\n"
-    + "".join(f"  {name:<12} {line}\n" for name, line in COMMANDS.items())
+    + "".join(
+        f"  {name:<12} {line}\n" if len(name) <= 12 else f"  {name}\n  {'':<12} {line}\n"
+        for name, line in COMMANDS.items()
+    )
     + "\nmat help <command>: its main options.  mat <command> --help: all of them.\n"
 )
 

@@ -121,7 +121,8 @@ def test_mat_help_lists_every_subcommand():
         [sys.executable, "-m", "mat_lightning", "--help"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0
-    for name in ("fit", "validate", "test", "robust-eval", "eval", "data", "report", "augment", "transfer"):
+    names = ("fit", "validate", "test", "robust-eval", "eval", "data", "report", "augment", "transfer")
+    for name in (*names, "prepare-attacks"):
         assert any(line.split()[:1] == [name] for line in proc.stdout.splitlines()), name
     assert set(COMMANDS) == {
         "fit",
@@ -133,7 +134,9 @@ def test_mat_help_lists_every_subcommand():
         "report",
         "augment",
         "transfer",
+        "prepare-attacks",
     }
+    assert all(len(line) <= 80 for line in proc.stdout.splitlines())
     proc = subprocess.run(
         [sys.executable, "-m", "mat_lightning", "robust-eval", "--help"],
         capture_output=True,

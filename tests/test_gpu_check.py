@@ -17,6 +17,7 @@ def test_gpu_check_measures_every_stage_and_projects_the_grid(tmp_path, capsys):
     assert set(rates) == {
         "train_clean",
         "train_mat",
+        "train_mat_store",
         "eval_clean",
         "eval_pgd",
         "eval_bert_attack",
@@ -26,11 +27,18 @@ def test_gpu_check_measures_every_stage_and_projects_the_grid(tmp_path, capsys):
     hours = result["projected_hours"]
     assert set(hours) == {*TRAINED_DEFENSES, "zeroshot"}
     # the projection is the measured rates times the grid's work
-    train_mat = FLICKR_EPOCHS * FLICKR_TRAIN_IMAGES / rates["train_mat"] / 3600
+    train_mat = FLICKR_EPOCHS * FLICKR_TRAIN_IMAGES / rates["train_mat_store"] / 3600
     assert hours["mat"] - hours["zeroshot"] == pytest.approx(
         train_mat + 10 * 1000 / rates["eval_clean"] / 3600
     )
-    assert result["projected_total_hours"] == pytest.approx(sum(hours.values()))
+    assert result["projected_total_hours"] == pytest.approx(
+        sum(hours.values()) + result["projected_store_seconds"] / 3600
+    )
+    assert result["projected_grid_hours_on_8_gpus"] >= max(hours.values())
+    assert (
+        result["text_attack_host_ms_per_caption"]["with_store"]
+        < (result["text_attack_host_ms_per_caption"]["without_store"])
+    )
     assert json.loads((tmp_path / "gpu_check.json").read_text())["model"] == "mat-tiny"
 
 

@@ -437,9 +437,11 @@ def attach_stores(
     encoder: Any,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    folder: str | Path | None = None,
 ) -> list[CandidateStore]:
-    """Attach to every attack the store of ``captions`` (one per distinct settings, built where missing) and return
-    the stores. Under ``torch.distributed`` the first process builds while the others wait, then they open it."""
+    """Attach to every attack the store of ``captions`` (one per distinct settings, built where missing, in
+    ``folder``, default the cache's) and return the stores. Under ``torch.distributed`` the first process builds
+    while the others wait, then they open it."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -447,7 +449,9 @@ def attach_stores(
     usable = [a for a in attacks if a.candidate_generator is None and a.mlm_identity() is not None]
     if distributed and not first:
         dist.barrier()  # the first process builds the stores; the others open them after
-    stores = {id(a): ensure_store(a, captions, encoder, device, progress=progress and first) for a in usable}
+    stores = {
+        id(a): ensure_store(a, captions, encoder, device, folder, progress=progress and first) for a in usable
+    }
     if distributed and first:
         dist.barrier()
     for attack in usable:
