@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mat_lightning import progress
 from mat_lightning.attacks.base import Attack, AttackResult
 from mat_lightning.attacks.reference import REFERENCE_STOP_WORDS, join_pieces, text_view
 from mat_lightning.attacks.stopwords import STOP_WORDS
@@ -467,6 +468,9 @@ class BertAttack(Attack):
         changes, cursor = [0] * len(captions), [0] * len(captions)
         while True:
             active = [t for t in range(len(captions)) if changes[t] < self.max_words]
+            # a caption is done when its budget is spent or its words run out (a bar over long batches moves)
+            done = len(captions) - sum(cursor[t] < len(prep.order[t]) for t in active)
+            progress.step(done, len(captions), "captions")
             self._advance_to_words_with_candidates(prep, active, cursor)
             # One greedy round for every caption that still has budget and words: its next word's candidates.
             texts: list[str | None] = []
