@@ -657,6 +657,7 @@ def markdown_table(r: dict) -> str:
                 "<= 1.15x",
             )
         )
+    rows += store_table_rows(r)
     if "textattack_tiny" in r:
         ta = r["textattack_tiny"]
         rows.append(
@@ -686,6 +687,75 @@ def markdown_table(r: dict) -> str:
     lines = ["| measurement | figures | ratio | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
+
+
+def store_table_rows(r: dict) -> list[tuple[str, str, str, str]]:
+    """The candidate store's rows (issue 22), where measured."""
+    rows = []
+    bt, bb = r.get("bert_attack_tiny", {}), r.get("bert_attack_base", {})
+    if "store_speed_ratio" in bt and "store_speed_ratio" in bb:
+        rows.append(
+            (
+                f"BertAttack (reference mode) with the candidate store vs without, tiny ({bt['captions']} "
+                f"captions) / base ({bb['captions']})",
+                f"{bt['with_store_captions_per_s']} vs {bt['ours_captions_per_s']} / {bb['with_store_captions_per_s']} "
+                f"vs {bb['ours_captions_per_s']} captions/s",
+                f"{bt['store_speed_ratio']}x / {bb['store_speed_ratio']}x, {bt['store_identical_pct']} / "
+                f"{bb['store_identical_pct']} % identical",
+                "100 % identical",
+            )
+        )
+    sb = r.get("store_build_base")
+    if sb:
+        h = sb.get("host_ms_per_caption_batch", {"captions": "?", "without_store": 0, "with_store": 0})
+        rows.append(
+            (
+                f"Text attack host time per caption on the main process, base size, batch of {h['captions']} "
+                "Flickr30K captions (default mode)",
+                f"{h['without_store']} ms without the store, {h['with_store']} ms with it",
+                f"{round(h['without_store'] / max(h['with_store'], 1e-9), 1)}x less",
+                "<= 0.1 ms",
+            )
+        )
+        x = sb["extrapolated_flickr30k_train"]
+        rows.append(
+            (
+                f"Store build, BERT-base-size MLM + ViT-B/16 tokenizer, {sb['captions']} Flickr30K test captions "
+                "(1 CPU thread)",
+                f"{sb['seconds_per_1000_captions']} s and {sb['bytes_per_1000_captions'] / 1e6:.1f} MB per 1,000 "
+                f"captions (MLM {sb['mlm_seconds']} of {sb['seconds']} s); extrapolated to {x['captions']:,}: "
+                f"{x['seconds'] / 3600:.1f} h here, of which {x['host_seconds'] / 60:.0f} min outside the MLM, "
+                f"{x['gigabytes']} GB",
+                "",
+                "",
+            )
+        )
+    sg = r.get("sga_store_tiny")
+    if sg:
+        rows.append(
+            (
+                f"SGA with a prebuilt store vs without ({sg['images']} images, tiny CLIP)",
+                f"{sg['with_store_s']} vs {sg['without_store_s']} s (build {sg['store_build_s']} s); "
+                f"identical: {sg['identical_adversarial_captions']}",
+                f"{sg['sga_store_speedup_ratio']}x",
+                "",
+            )
+        )
+    m = r.get("mat_step_tiny", {})
+    if "mat_step_store_over_floor_ratio" in m:
+        st = m["store"]
+        p = st["floor_parts_units"]
+        rows.append(
+            (
+                f"MAT step with the store vs its floor without MLM (tiny CLIP, batch {m['batch']}), clean-step units",
+                f"{st['mat_step_units']} vs floor {st['floor_units']} (1 + encodes {p['text_and_guide_encodes']} + "
+                f"PGD {p['pgd_2_passes']}); without the store {m['mat_step_units']}; loader plan "
+                f"{st['loader_plan_ms_per_batch']} ms per batch (in a worker)",
+                f"{m['mat_step_store_over_floor_ratio']}x; {m['mat_step_store_speedup_ratio']}x faster",
+                "<= 1.05x",
+            )
+        )
+    return rows
 
 
 def main_rows(r: dict) -> list[tuple[str, str, str, str]]:
