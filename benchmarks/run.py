@@ -71,6 +71,22 @@ CLI_COMMANDS = {
 }
 
 
+def accumulating(total: list[float]):
+    """A wrapper maker: each wrapped call adds its wall seconds to ``total[0]`` (model time inside an attack)."""
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                total[0] += time.perf_counter() - t0
+
+        return wrapper
+
+    return timed
+
+
 def bench_cli_startup(reps: int = 3) -> dict:
     """Wall seconds of ``python -m mat_lightning <args>`` for each of :data:`CLI_COMMANDS`, and of importing the
     training stack the way every other command does (``import mat_lightning.cli``), interleaved, ``reps`` times:
@@ -170,17 +186,7 @@ def host_ms_per_caption(attack, encoder, captions, image_emb, plan=None) -> floa
     from mat_lightning.attacks import bert_attack
 
     inside = [0.0]
-
-    def timed_call(fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                inside[0] += time.perf_counter() - t0
-
-        return wrapper
-
+    timed_call = accumulating(inside)
     patched = {"_mlm_topk": bert_attack._mlm_topk, "_perplexity": bert_attack._perplexity}
     encoder._encode_cut = timed_call(encoder._encode_cut)
     for name, fn in patched.items():
@@ -256,17 +262,7 @@ def bench_store_build(encoder, mlm_model, tok, captions: list[str]) -> dict:
     attack = BertAttack.from_mlm(mlm_model, tok, top_k=10, max_words=1, threshold_pred_score=0)
     inside = [0.0]
     originals = ba._mlm_topk, ba._perplexity
-
-    def timed(fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                inside[0] += time.perf_counter() - t0
-
-        return wrapper
-
+    timed = accumulating(inside)
     ba._mlm_topk, ba._perplexity = timed(ba._mlm_topk), timed(ba._perplexity)
     try:
         store, seconds = temporary_store(attack, encoder, captions)
